@@ -1,0 +1,122 @@
+"""Calibration: run the float model in onnxruntime and collect statistics of the tensors to quantize.
+
+Memory is bounded: per-tensor and per-channel extremes and means are running values over every
+calibration token, and each tensor keeps only a bounded sample for the parameter searches: a
+fixed number of rows (tokens) for Linear inputs, the whole tensor of the first few images for the
+attention MatMul inputs (whose search needs the matrix structure).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
+
+
+@dataclasses.dataclass
+class TensorStats:
+    name: str
+    min: float = np.inf
+    max: float = -np.inf
+    ch_min: np.ndarray | None = None  # over the last axis
+    ch_max: np.ndarray | None = None
+    ch_sum: np.ndarray | None = None
+    rows: int = 0
+    numel: int = 0                     # elements seen, over all calibration images
+    sample: np.ndarray | None = None   # [n, C] token rows, or a whole leading slice of the tensor
+
+    @property
+    def ch_mean(self) -> np.ndarray:
+        return self.ch_sum / max(self.rows, 1)
+
+    def transformed(self, shift: np.ndarray, scale: np.ndarray) -> "TensorStats":
+        """Stats of (x - shift) / scale per channel, for a folded rescaling (scale > 0)."""
+        f = lambda a: None if a is None else (a - shift) / scale  # noqa: E731
+        lo, hi = f(self.ch_min), f(self.ch_max)
+        return TensorStats(self.name, float(lo.min()), float(hi.max()), lo, hi,
+                           (self.ch_sum - shift * self.rows) / scale, self.rows, self.numel, f(self.sample))
+
+
+@dataclasses.dataclass
+class CalibData:
+    images: np.ndarray                 # the calibration inputs
+    stats: dict[str, TensorStats]
+    logits: np.ndarray                 # float model outputs on `images`
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            have.add(n)
+    return m
+
+
+def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str],
+              full_tensors: list[str] = (), *, row_budget: int = 4096, full_images: int = 16,
+              batch_size: int = 32, seed: int = 0, progress: bool = True) -> CalibData:
+    """Run `model` over `images`; sample rows of `row_tensors`, keep leading slices of `full_tensors`."""
+    full_tensors = [t for t in full_tensors if t not in row_tensors]
+    names = list(dict.fromkeys(list(row_tensors) + list(full_tensors)))
+    out_name = model.graph.output[0].name
+    in_name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
+    sess = session(_with_outputs(model, names))
+    stats = {n: TensorStats(n) for n in names}
+    samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    rng = np.random.default_rng(seed)
+    n_img = len(images)
+    n_batches = (n_img + batch_size - 1) // batch_size
+    logits = []
+    seen_full = 0
+    it = range(0, n_img, batch_size)
+    for start in tqdm(it, desc="calibrate", unit="batch", disable=not progress, leave=False):
+        xb = images[start:start + batch_size]
+        outs = sess.run([out_name] + names, {in_name: xb})
+        logits.append(outs[0])
+        keep_full = seen_full < full_images
+        for n, v in zip(names, outs[1:]):
+            st = stats[n]
+            st.min = min(st.min, float(v.min()))
+            st.max = max(st.max, float(v.max()))
+            st.numel += v.size
+            if n in full_tensors:
+                if keep_full:
+                    # leading rows of this batch that belong to the first `full_images` images
+                    per_img = max(v.shape[0] // len(xb), 1)
+                    take = min(len(xb), full_images - seen_full) * per_img
+                    samples[n].append(v[:take].copy())
+                continue
+            rows = v.reshape(-1, v.shape[-1])
+            lo, hi = rows.min(0), rows.max(0)
+            if st.ch_min is None:
+                st.ch_min, st.ch_max, st.ch_sum = lo, hi, rows.sum(0, dtype=np.float64)
+            else:
+                np.minimum(st.ch_min, lo, out=st.ch_min)
+                np.maximum(st.ch_max, hi, out=st.ch_max)
+                st.ch_sum += rows.sum(0, dtype=np.float64)
+            st.rows += rows.shape[0]
+            k = min(rows.shape[0], max(row_budget // n_batches, 1))
+            idx = np.sort(rng.choice(rows.shape[0], size=k, replace=False))
+            samples[n].append(rows[idx].copy())
+        if keep_full:
+            seen_full += len(xb)
+    for n in names:
+        if samples[n]:
+            stats[n].sample = np.concatenate(samples[n], axis=0)
+        if stats[n].ch_sum is not None:
+            stats[n].ch_sum = stats[n].ch_sum.astype(np.float32)
+    return CalibData(images, stats, np.concatenate(logits, axis=0))

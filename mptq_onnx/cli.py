@@ -1,0 +1,208 @@
+"""`mptq-onnx` command line: subcommands mirror the library (export, convert, eval, inspect, demo)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import MptqError
+
+
+def _bits(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bit-width must be an integer, got {s!r}") from None
+
+
+def cmd_export(a) -> int:
+    from .export import export_model
+    export_model(a.name, a.output, pretrained=a.pretrained, checkpoint=a.checkpoint, cards_dir=a.cards_dir,
+                 img_size=a.img_size, num_classes=a.num_classes, exporter=a.exporter, force=a.force,
+                 verify=not a.no_verify)
+    return 0
+
+
+def default_output(src: Path, cfg) -> Path:
+    tag = f"{cfg.recipe}_mp{cfg.target_bits:g}" if cfg.target_bits else f"{cfg.recipe}_w{cfg.wbits}a{cfg.abits}"
+    return src.with_name(f"{src.stem}.{tag}.onnx")
+
+
+def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force: bool, report_path: Path | None):
+    """Shared by `convert` and `demo`: convert, save the model and its JSON report."""
+    from .convert import convert
+    from .data import load_calibration
+    from .modelio import get_preprocess, save_model
+
+    if output.exists() and not force:
+        raise MptqError(f"{output} exists; pass --force to overwrite it")
+    if model_path is not None and output.resolve() == model_path.resolve():
+        raise MptqError("the output path is the input model; choose another -o")
+    pp = get_preprocess(model)
+    t0 = time.perf_counter()
+    images = load_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)
+    t_load = time.perf_counter() - t0
+    ctx = convert(model, images, cfg)
+    save_model(ctx.model, output, force=force)
+    report = {"input": str(model_path) if model_path else "embedded:deit_tiny_tin", "output": str(output),
+              "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+              "image_load_seconds": round(t_load, 3),
+              "total_seconds": round(time.perf_counter() - t0, 3), **ctx.report}
+    report.pop("act_sizes", None)
+    rp = report_path or output.with_suffix(".report.json")
+    rp.write_text(json.dumps(report, indent=1, sort_keys=True, default=float))
+    print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) and {rp}", file=sys.stderr)
+    return ctx, report
+
+
+def _config(a):
+    from .plan import QuantConfig
+    cfg = QuantConfig(wbits=a.wbits, abits=a.abits, recipe=a.recipe, calib_size=a.calib_size,
+                      act_method=a.act_method, weight_method=a.weight_method, target_bits=a.target_bits,
+                      seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()))
+    if a.mp_candidates:
+        cfg.mp_candidates = tuple(a.mp_candidates)
+    cfg.validate()
+    return cfg
+
+
+def cmd_convert(a) -> int:
+    from .modelio import load_model
+    cfg = _config(a)
+    src = Path(a.model)
+    model = load_model(src)
+    out = Path(a.output) if a.output else default_output(src, cfg)
+    if a.calib is None:
+        raise MptqError("--calib is required: an image folder or an .npy/.npz of preprocessed images")
+    run_convert(src, model, a.calib, cfg, out, a.force, Path(a.report) if a.report else None)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate
+    res = evaluate(a.model, a.data, batch_size=a.batch_size, limit=a.limit, progress=not a.quiet and not a.json)
+    if a.json:
+        print(json.dumps(res.to_dict(), sort_keys=True))
+    else:
+        print(f"top-1 {res.top1:.4f}  top-5 {res.top5:.4f}  on {res.images} images  "
+              f"({res.images_per_s:.1f} images/s)")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .inspect import inspect_model
+    print(inspect_model(a.model))
+    if a.netron:
+        try:
+            import netron
+        except ImportError:
+            raise MptqError("--netron needs the netron package: pip install netron") from None
+        netron.start(str(a.model), browse=False)
+        print("serving in Netron; Ctrl-C to stop", file=sys.stderr)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """Convert the embedded deit_tiny_tin on its embedded images and compare it with float."""
+    from .embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model
+    from .evaluate import evaluate
+    cfg = _config(a)
+    model = load_embedded_model()
+    out_dir = Path(a.out_dir) if a.out_dir else Path(tempfile.mkdtemp(prefix="mptq_demo_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / (default_output(Path("deit_tiny_tin.onnx"), cfg).name)
+    run_convert(None, model, embedded_calib_dir(), cfg, out, True, None)
+    val = embedded_val_dir()
+    f = evaluate(model, val, progress=not a.quiet)
+    q = evaluate(out, val, progress=not a.quiet)
+    print(f"\nembedded deit_tiny_tin, {f.images} val images ({val})")
+    print(f"  float32            top-1 {f.top1:.4f}  top-5 {f.top5:.4f}")
+    print(f"  {out.stem.split('.', 1)[1]:<18} top-1 {q.top1:.4f}  top-5 {q.top5:.4f}")
+    print(f"  quantized model: {out}")
+    return 0
+
+
+def _add_quant_args(p):
+    p.add_argument("--recipe", default="uniform", help="uniform | mptq | sqb | optm (default: uniform)")
+    p.add_argument("--wbits", type=_bits, default=8, help="weight bits, 2-8 (default 8)")
+    p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
+    p.add_argument("--target-bits", type=float, default=None,
+                   help="Greedy MP: average bit-width for weights and activations (e.g. 5)")
+    p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None, help="Greedy MP bit-widths (8 6 5 4 3)")
+    p.add_argument("--calib-size", type=int, default=128, help="calibration images (default 128)")
+    p.add_argument("--act-method", default="mse", help="uniform recipe: minmax | mse")
+    p.add_argument("--weight-method", default="mse", help="uniform recipe: minmax | mse")
+    p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mptq-onnx", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("export", help="export a timm model or a model card to ONNX")
+    p.add_argument("name", help="timm model name, model card name, or card .json path")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
+    p.add_argument("--checkpoint", help="state dict to load (.safetensors, .pth)")
+    p.add_argument("--cards-dir", help="where to look for model cards")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("convert", help="quantize an ONNX ViT (writes QDQ ONNX and a JSON report)")
+    p.add_argument("model")
+    p.add_argument("--calib", help="calibration images: ImageFolder dir or .npy/.npz")
+    p.add_argument("-o", "--output", help="default: beside the input, with a suffix")
+    p.add_argument("--report", help="JSON report path (default: <output>.report.json)")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    _add_quant_args(p)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of an ONNX classifier on an ImageFolder")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--limit", type=int, help="evaluate an evenly spread subset of this many images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("inspect", help="per-layer table of a (quantized) model")
+    p.add_argument("model")
+    p.add_argument("--netron", action="store_true", help="serve it in Netron (pip install netron)")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("demo", help="convert and evaluate the embedded deit_tiny_tin (no data or network needed)")
+    p.add_argument("--out-dir", help="where to write the quantized model (default: a temp dir)")
+    _add_quant_args(p)
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except MptqError as e:
+        print(f"mptq-onnx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mptq-onnx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

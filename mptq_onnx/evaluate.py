@@ -1,0 +1,145 @@
+"""Top-1 / top-5 accuracy of an ONNX classifier on an ImageFolder, with onnxruntime on CPU."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import ImageFolder, iter_batches, spread_indices
+from .errors import MptqError
+from .modelio import Preprocess, get_preprocess, load_model
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int | None = None,
+                 ) -> ort.InferenceSession:
+    """A CPU InferenceSession with all graph optimizations.
+
+    A path is opened by onnxruntime itself (so external-data files next to it are found);
+    a ModelProto is serialized in memory.
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3  # errors only: no per-node warnings on stderr
+    if isinstance(model, onnx.ModelProto):
+        src, what = model.SerializeToString(), "the in-memory model"
+    else:
+        p = Path(model)
+        if not p.is_file():
+            raise MptqError(f"ONNX file not found: {p}")
+        src, what = str(p), str(p)
+    try:
+        return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's Fail / InvalidGraph / NotImplemented ...
+        raise MptqError(f"onnxruntime cannot load {what}: {_first_line(e)}") from None
+
+
+@dataclasses.dataclass
+class EvalResult:
+    top1: float
+    top5: float | None  # None when the model has fewer than 5 outputs
+    images: int
+    images_per_s: float  # images / seconds inside session.run (inference only)
+    seconds: float  # total wall time, decoding included
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        t5 = "n/a" if self.top5 is None else f"{self.top5:.4f}"
+        return (f"top1 {self.top1:.4f}  top5 {t5}  on {self.images} images  "
+                f"({self.images_per_s:.1f} img/s inference, {self.seconds:.1f} s total)")
+
+
+def _static(d) -> int | None:
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.PathLike,
+             batch_size: int = 64, limit: int | None = None, progress: bool = True,
+             preprocess: Preprocess | None = None, threads: int | None = None) -> EvalResult:
+    """Accuracy of `model` (first input: images NCHW, first output: logits) on an ImageFolder.
+
+    `limit` evaluates an evenly spread subset (all classes covered).  The preprocessing comes
+    from the model's metadata unless `preprocess` is given.
+    """
+    t_start = time.perf_counter()
+    if batch_size < 1:
+        raise MptqError(f"batch size must be at least 1, got {batch_size}")
+    if preprocess is None:
+        proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external=False)
+        preprocess = get_preprocess(proto)
+    sess = make_session(model, threads=threads)
+    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise MptqError(f"the model's first input {inp.name!r} has shape {shape}; expected an image batch [N, C, H, W]")
+    want = tuple(int(v) for v in preprocess.input_size)
+    for got, exp, axis in zip(shape[1:], want, ("channels", "height", "width")):
+        if _static(got) is not None and got != exp:
+            raise MptqError(f"the model's input {inp.name!r} has shape {shape} but the preprocessing "
+                            f"produces {list(want)} images ({axis} differ)")
+    in_dtype = _ORT_DTYPES.get(inp.type)
+    if in_dtype is None:
+        raise MptqError(f"the model's input {inp.name!r} has type {inp.type}; expected a float tensor")
+    fixed_batch = _static(shape[0])
+    if fixed_batch is not None:
+        batch_size = fixed_batch  # feed what the graph accepts; the last batch is padded
+
+    ds = ImageFolder(data_dir, preprocess)
+    n_classes = len(ds.classes)
+    out_classes = _static(out.shape[-1]) if out.shape else None
+    if out_classes is not None and out_classes < n_classes:
+        raise MptqError(f"the model outputs {out_classes} classes but {data_dir} has {n_classes} class folders")
+
+    indices = spread_indices(len(ds), limit)
+    correct1 = correct5 = images = 0
+    infer_s = 0.0
+    k = 5
+    n_out = 0
+    for x, y in iter_batches(ds, batch_size, indices, progress="eval" if progress else None):
+        n = x.shape[0]
+        if fixed_batch is not None and n < fixed_batch:
+            x = np.concatenate([x, np.repeat(x[-1:], fixed_batch - n, axis=0)])
+        t0 = time.perf_counter()
+        try:
+            logits = sess.run([out.name], {inp.name: x.astype(in_dtype, copy=False)})[0]
+        except Exception as e:
+            raise MptqError(f"onnxruntime failed to run the model: {_first_line(e)}") from None
+        infer_s += time.perf_counter() - t0
+        logits = np.asarray(logits, dtype=np.float32).reshape(logits.shape[0], -1)[:n]
+        if logits.shape[1] < n_classes:
+            raise MptqError(f"the model outputs {logits.shape[1]} classes but {data_dir} has "
+                            f"{n_classes} class folders")
+        # stable sort: ties rank the lower class index first, so top-1 == argmax
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(axis=1).sum())
+        images += n
+        n_out = logits.shape[1]
+    if images == 0:
+        raise MptqError(f"no images evaluated from {data_dir}")
+    return EvalResult(
+        top1=correct1 / images,
+        top5=correct5 / images if n_out >= 5 else None,
+        images=images,
+        images_per_s=images / infer_s if infer_s > 0 else float("inf"),
+        seconds=time.perf_counter() - t_start,
+    )

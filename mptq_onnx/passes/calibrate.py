@@ -1,0 +1,33 @@
+"""Calibrate: run the float model over the calibration images and keep statistics for the plan."""
+from __future__ import annotations
+
+from ..calibrate import calibrate
+from ..errors import MptqError
+from ..plan import Context
+from .base import Pass, PassResult
+
+
+def site_tensors(ctx: Context) -> tuple[list[str], list[str]]:
+    """Tensors to sample by token rows (Linear inputs) and whole (attention and image inputs)."""
+    rows, full = [], []
+    for s in ctx.info.sites:
+        for a in s.inputs:
+            (rows if s.op == "linear" else full).append(a.tensor)
+    return list(dict.fromkeys(rows)), list(dict.fromkeys(full))
+
+
+class Calibrate(Pass):
+    name = "calibrate"
+
+    def __call__(self, ctx: Context) -> PassResult:
+        if ctx.calib_images is None or len(ctx.calib_images) == 0:
+            raise MptqError("no calibration images: pass --calib DIR (an image folder) or an .npy/.npz file")
+        cfg = ctx.config
+        rows, full = site_tensors(ctx)
+        ctx.calib = calibrate(ctx.model, ctx.calib_images, rows, full, row_budget=cfg.row_budget,
+                              full_images=cfg.full_images, batch_size=cfg.batch_size, seed=cfg.seed,
+                              progress=cfg.progress)
+        ctx.report["calibration_images"] = int(len(ctx.calib_images))
+        # elements per image of each quantized activation: the weights of the activation bit average
+        ctx.report["act_sizes"] = {k: st.numel / len(ctx.calib_images) for k, st in ctx.calib.stats.items()}
+        return PassResult(ctx, False, f"{len(ctx.calib_images)} images, {len(rows) + len(full)} tensors")

@@ -1,0 +1,205 @@
+"""OPT-m (MPTQ-ViT): data-driven quantization parameters, chosen by the error of each layer's output.
+
+- Linear/Conv weights: per-output-channel clipping minimising d_cᵀ H d_c, H = XᵀX of the layer's
+  calibration input, i.e. the squared error of that output channel (not of the weight itself).
+- Linear/Conv inputs: the clipping range [a·min, b·max] minimising ‖(Q(X) − X) W‖².
+- Post-GELU inputs (fc2): region-wise scales, the small negative region and the positive region
+  each with its own scale; the number of negative codes and the ratio m = s_pos / s_neg are
+  searched, and plain uniform is kept where it is better.
+- Attention MatMuls: each operand's quantizer minimises the error of the product with the other
+  operand in float; post-Softmax values choose between uniform and log2 by that error.
+Activation searches use float weights, so the quantizer of each (site, bit-width) is independent
+of the others' bit-widths and Greedy MP can cache them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import GraphIndex, attr
+from ..plan import Context, SitePlan
+from ..quantizers import (Quantizer, fake_quant, log2_quantizer, region_quantizer, search_uniform,
+                          search_weight)
+from .base import Pass, PassResult
+from .uniform import skipped
+
+ROWS = 1024
+GRID = 12
+
+
+def patchify(x: np.ndarray, k: int) -> np.ndarray:
+    """[n, C, H, W] -> [n·(H/k)·(W/k), C·k·k], the rows a stride-k, k×k convolution multiplies."""
+    n, c, h, w = x.shape
+    x = x[:, :, : h - h % k, : w - w % k].reshape(n, c, h // k, k, w // k, k)
+    return x.transpose(0, 2, 4, 1, 3, 5).reshape(-1, c * k * k)
+
+
+class SiteData:
+    """Calibration rows X [n, in] and the float weight as [in, out] for a Linear or patch Conv."""
+
+    def __init__(self, ctx: Context, site, rng: np.random.Generator):
+        st = ctx.calib.stats[site.inputs[0].tensor]
+        w = ctx.weight(site.weight)
+        self.w_raw = w
+        self.x_tensor = st.sample
+        self.conv_k = None
+        if site.op == "conv":
+            node = GraphIndex(ctx.model).nodes[site.node]
+            k = attr(node, "kernel_shape", list(w.shape[2:]))
+            ok = (list(attr(node, "strides", [1, 1])) == list(k) and not any(attr(node, "pads", [0]) or [0])
+                  and attr(node, "group", 1) == 1 and k[0] == k[1])
+            if not ok:
+                self.x = None
+                return
+            self.conv_k = k[0]
+            rows = patchify(st.sample, k[0])
+            self.w = w.reshape(w.shape[0], -1).T
+        else:
+            rows = st.sample
+            self.w = w if site.w_in_axis == 0 else w.T
+        self.x_all = rows
+        idx = np.sort(rng.choice(len(rows), min(ROWS, len(rows)), replace=False))
+        self.x = rows[idx]
+        # ‖D W‖² = ‖D U Σ‖² with W = U Σ Vᵀ: a thinner matrix for the repeated products
+        u, sv, _ = np.linalg.svd(self.w, full_matrices=False)
+        self.proj = (u * sv).astype(np.float32)
+        self._h = None
+
+    @property
+    def hessian(self) -> np.ndarray:
+        if self._h is None:
+            x = self.x_all.astype(np.float64)
+            self._h = (x.T @ x).astype(np.float32)
+        return self._h
+
+    def out_err(self, xq_minus_x: np.ndarray) -> float:
+        d = xq_minus_x @ self.proj
+        return float((d * d).sum())
+
+
+def opt_weight(ctx: Context, site, data: SiteData | None, bits: int) -> Quantizer:
+    w = ctx.weight(site.weight)
+    if data is None or data.x is None:
+        return search_weight(w, site.w_out_axis, bits, method="opt-m")
+    q = search_weight(data.w, 1, bits, hessian=data.hessian, method="opt-m")  # over [in, out]
+    q.axis = site.w_out_axis  # per output channel: same vector whichever way the weight is stored
+    return q
+
+
+def opt_linear_act(ctx: Context, site, data: SiteData, bits: int) -> Quantizer:
+    st = ctx.calib.stats[site.inputs[0].tensor]
+    if data.conv_k is not None:
+        # the image tensor is quantized before patching; score on patch rows
+        xt = data.x_tensor  # whole images of the first calibration batch
+        rows = patchify(xt, data.conv_k)
+        err = lambda xq: data.out_err(patchify(xq, data.conv_k) - rows)  # noqa: E731
+        x = xt
+    else:
+        x = data.x
+        err = lambda xq: data.out_err(xq - x)  # noqa: E731
+    best = search_uniform(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
+    if site.inputs[0].kind != "post_gelu":
+        return best
+    best_err = err(fake_quant(x, best))
+    neg_min, pos_max = min(st.min, 0.0), st.max
+    hi_best = float(best.scale) * (best.qmax - int(best.zero_point))
+    for k in sorted({1, 2, 4, 1 << max(bits - 3, 0)}):
+        if k >= (1 << bits) // 2:
+            continue
+        ratios = np.linspace(1.0, 0.2, GRID)
+        cand_hi = [min(hi_best * r * 1.6, pos_max) for r in ratios]  # around the uniform optimum
+        rn, ph = 1.0, hi_best
+        for _ in range(2):
+            ph = min(cand_hi, key=lambda h: err(fake_quant(x, region_quantizer(neg_min * rn, h, bits, k))))
+            rn = min(ratios, key=lambda r: err(fake_quant(x, region_quantizer(neg_min * r, ph, bits, k))))
+        q = region_quantizer(neg_min * rn, ph, bits, k, method="opt-m-region")
+        e = err(fake_quant(x, q))
+        if e < best_err:
+            best, best_err = q, e
+    return best
+
+
+def _product_err(a: np.ndarray, b: np.ndarray, which: int):
+    ref = a @ b
+    if which == 0:
+        return lambda aq: float(np.square(aq @ b - ref).sum())
+    return lambda bq: float(np.square(a @ bq - ref).sum())
+
+
+def opt_matmul_acts(ctx: Context, site, bits: int) -> list[Quantizer]:
+    sa, sb = (ctx.calib.stats[i.tensor] for i in site.inputs)
+    a, b = sa.sample, sb.sample
+    qs = []
+    for which, (x, st, inp) in enumerate(((a, sa, site.inputs[0]), (b, sb, site.inputs[1]))):
+        err = _product_err(a, b, which)
+        best = search_uniform(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
+        if inp.kind == "post_softmax":
+            be = err(fake_quant(x, best))
+            for r in (1.0, 0.75, 0.5, 0.35, 0.25):
+                q = log2_quantizer(st.max * r, bits, method="opt-m-log2")
+                e = err(fake_quant(x, q))
+                if e < be:
+                    best, be = q, e
+        qs.append(best)
+    return qs
+
+
+class SiteOptimizer:
+    """Caches per-site calibration matrices so each (site, bits) search is done once."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.rng = np.random.default_rng(ctx.config.seed)
+        self._data: dict[str, SiteData] = {}
+        self._w: dict[tuple[str, int], Quantizer] = {}
+        self._a: dict[tuple[str, int], list[Quantizer]] = {}
+
+    def data(self, site) -> SiteData | None:
+        if site.weight is None:
+            return None
+        if site.name not in self._data:
+            self._data[site.name] = SiteData(self.ctx, site, self.rng)
+        return self._data[site.name]
+
+    def weight(self, site, bits: int) -> Quantizer:
+        key = (site.name, bits)
+        if key not in self._w:
+            self._w[key] = opt_weight(self.ctx, site, self.data(site), bits)
+        return self._w[key]
+
+    def acts(self, site, bits: int) -> list[Quantizer]:
+        key = (site.name, bits)
+        if key not in self._a:
+            if site.op == "act_matmul":
+                self._a[key] = opt_matmul_acts(self.ctx, site, bits)
+            else:
+                d = self.data(site)
+                if d is None or d.x is None:
+                    from .uniform import act_quantizer
+                    self._a[key] = [act_quantizer(self.ctx, site.inputs[0].tensor, bits, "mse")]
+                else:
+                    self._a[key] = [opt_linear_act(self.ctx, site, d, bits)]
+        return self._a[key]
+
+
+class OptM(Pass):
+    name = "opt-m"
+
+    def __call__(self, ctx: Context) -> PassResult:
+        cfg = ctx.config
+        opt = SiteOptimizer(ctx)
+        ctx.site_optimizer = opt
+        kinds: dict[str, int] = {}
+        for site in ctx.info.sites:
+            if skipped(ctx, site):
+                continue
+            p = SitePlan(site, cfg.wbits if site.weight else None, cfg.abits)
+            if site.weight:
+                p.weight = opt.weight(site, p.w_bits)
+            p.acts = opt.acts(site, p.a_bits)
+            for q in p.acts:
+                kinds[q.kind] = kinds.get(q.kind, 0) + 1
+            p.methods += ["sq-b"] if site.name in ctx.report.get("sqb", {}) else []
+            p.methods.append("opt-m")
+            ctx.plan[site.name] = p
+        return PassResult(ctx, False, f"W{cfg.wbits}A{cfg.abits} on {len(ctx.plan)} sites; activation quantizers: "
+                          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))

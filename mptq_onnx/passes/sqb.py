@@ -1,0 +1,160 @@
+"""SQ-b (MPTQ-ViT): SmoothQuant with a bias term, folded into the LayerNorm and the next Linears.
+
+For a LayerNorm output Y feeding Linears W (qkv, fc1, Swin's reduction, the head):
+    μ_j = shift of channel j,   s_j = max|Y_j − μ_j|^α / max|W_j|^(1−α)
+    γ' = γ / s,  β' = (β − μ) / s,  W' = diag(s) W,  b' = b + μ W
+so Y' = (Y − μ) / s and Y' W' + b' = Y W + b: the float model is unchanged up to rounding, while the
+quantized activation Y' is centred and has balanced channel ranges. Per group, α (a small grid)
+and the shift (the channel mean, as in the paper, or the channel mid-range) are chosen by the
+error of the quantized layer outputs on calibration tokens, not fixed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex
+from ..plan import Context
+from ..quantizers import fake_quant, search_uniform, symmetric_per_channel
+from .base import Pass, PassResult
+
+ROWS = 1024
+
+
+def _w_in_out(w: np.ndarray, site) -> np.ndarray:
+    """The weight as [in, out]."""
+    return w if site.w_in_axis == 0 else w.T
+
+
+def _quick_act(x: np.ndarray, bits: int) -> np.ndarray:
+    q = search_uniform(x, bits, grid=10, floor=0.4, rounds=1)
+    return fake_quant(x, q)
+
+
+def group_error(xs: np.ndarray, ws: list[np.ndarray], ys: list[np.ndarray], mu, s, wbits, abits) -> float:
+    """Relative output error of the quantized group for shift `mu` and scale `s`."""
+    xq = _quick_act((xs - mu) / s, abits)
+    err = 0.0
+    for w, y in zip(ws, ys):
+        w2 = w * s[:, None]
+        wq = fake_quant(w2, symmetric_per_channel(w2, 1, wbits))
+        d = xq @ wq + mu @ w - y  # (bias cancels: b' − b = μW)
+        err += float((d * d).sum() / max((y * y).sum(), 1e-12))
+    return err
+
+
+def smoothing_scale(y_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    s = np.power(np.maximum(y_absmax, 1e-5), alpha) / np.power(np.maximum(w_absmax, 1e-5), 1 - alpha)
+    s = s / np.exp(np.mean(np.log(s)))  # a global factor changes nothing: keep values near 1
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+def fold(ctx: Context, group, mu: np.ndarray, s: np.ndarray) -> None:
+    """Apply the rescaling exactly to the graph's initializers (adds a bias where a Linear had none)."""
+    info = ctx.info
+    gi = GraphIndex(ctx.model)
+    ln = gi.nodes[group.ln]
+    gamma = ctx.weight(group.gamma)
+    ctx.set_initializer(group.gamma, (gamma / s).astype(np.float32))
+    beta = ctx.weight(group.beta) if group.beta else np.zeros_like(gamma)
+    new_beta = ((beta - mu) / s).astype(np.float32)
+    if group.beta:
+        ctx.set_initializer(group.beta, new_beta)
+    else:
+        name = f"{group.ln}_beta_sqb"
+        ctx.model.graph.initializer.append(onnx.numpy_helper.from_array(new_beta, name))
+        while len(ln.input) < 3:
+            ln.input.append("")
+        ln.input[2] = name
+    for sname in group.sites:
+        site = info.site(sname)
+        w = ctx.weight(site.weight)
+        wio = _w_in_out(w, site)
+        extra = (mu @ wio).astype(np.float32)
+        new_w = wio * s[:, None]
+        ctx.set_initializer(site.weight, (new_w if site.w_in_axis == 0 else new_w.T).astype(np.float32))
+        if site.bias:
+            ctx.set_initializer(site.bias, (ctx.weight(site.bias) + extra).astype(np.float32))
+        else:
+            _add_bias(ctx, gi, site, extra)
+
+
+def _add_bias(ctx: Context, gi: GraphIndex, site, bias: np.ndarray) -> None:
+    node = gi.nodes[site.node]
+    name = f"{site.name}.bias_sqb"
+    ctx.model.graph.initializer.append(onnx.numpy_helper.from_array(bias, name))
+    if node.op_type == "Gemm":
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        return
+    out = node.output[0]
+    mm_out = out + "_nobias"
+    node.output[0] = mm_out
+    add = onnx.helper.make_node("Add", [mm_out, name], [out], name=site.node + "_bias_sqb")
+    nodes = list(ctx.model.graph.node)
+    i = nodes.index(node)
+    ctx.model.graph.node.insert(i + 1, add)
+
+
+class SmoothQuantBias(Pass):
+    name = "sq-b"
+
+    def __init__(self, alphas: tuple[float, ...] | None = None, shifts=("mean", "midrange")):
+        self.alphas = alphas
+        self.shifts = shifts
+
+    def __call__(self, ctx: Context) -> PassResult:
+        cfg = ctx.config
+        alphas = self.alphas or cfg.sqb_alphas
+        info = ctx.info
+        stats = ctx.calib.stats
+        rng = np.random.default_rng(cfg.seed)
+        chosen = []
+        for g in info.ln_groups:
+            if not g.exact:
+                continue
+            sites = [info.site(n) for n in g.sites]
+            if any(n in cfg.skip_sites or s.role in cfg.skip_sites for n, s in zip(g.sites, sites)):
+                continue
+            st = stats[sites[0].inputs[0].tensor]
+            x = st.sample
+            if x is None or st.ch_min is None:
+                continue
+            xs = x[np.sort(rng.choice(len(x), min(ROWS, len(x)), replace=False))]
+            ws = [_w_in_out(ctx.weight(s.weight), s) for s in sites]
+            ys = [xs @ w for w in ws]
+            w_absmax = np.max(np.concatenate([np.abs(w) for w in ws], axis=1), axis=1)
+            err0 = group_error(xs, ws, ys, np.zeros_like(st.ch_mean), np.ones_like(st.ch_mean),
+                               cfg.wbits, cfg.abits)
+            best = (err0, None, None, "none", 0.0)
+            for shift in self.shifts:
+                mu = st.ch_mean if shift == "mean" else (st.ch_min + st.ch_max) / 2
+                mu = mu.astype(np.float32)
+                y_absmax = np.maximum(np.abs(st.ch_max - mu), np.abs(st.ch_min - mu))
+                for a in alphas:
+                    s = smoothing_scale(y_absmax, w_absmax, a)
+                    e = group_error(xs, ws, ys, mu, s, cfg.wbits, cfg.abits)
+                    if e < best[0]:
+                        best = (e, mu, s, shift, a)
+            if best[1] is None:
+                continue
+            _, mu, s, shift, a = best
+            fold(ctx, g, mu, s)
+            done = set()
+            for site in sites:
+                t = site.inputs[0].tensor
+                if t not in done:
+                    stats[t] = stats[t].transformed(mu, s)
+                    done.add(t)
+                ctx.report.setdefault("sqb", {})[site.name] = {"alpha": a, "shift": shift,
+                                                               "err_before": round(err0, 5),
+                                                               "err_after": round(best[0], 5)}
+            chosen.append(f"{a:g}/{shift[:3]}")
+        ctx.invalidate()
+        ctx.report["sqb_groups"] = len(chosen)
+        hist: dict[str, int] = {}
+        for c in chosen:
+            hist[c] = hist.get(c, 0) + 1
+        return PassResult(ctx, bool(chosen), f"folded {len(chosen)} LayerNorm groups; alpha/shift: "
+                          + ", ".join(f"{k}x{v}" for k, v in sorted(hist.items())))

@@ -1,0 +1,62 @@
+"""Uniform parameters: per-output-channel symmetric weights, per-tensor asymmetric activations.
+
+MinMax takes the observed range; MSE searches the clipping range that minimises the squared
+error of the tensor itself (the baseline every method is compared with).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..plan import Context, SitePlan
+from ..quantizers import Quantizer, search_uniform, search_weight, symmetric_per_channel, uniform_from_range
+from .base import Pass, PassResult
+
+MAX_SEARCH_VALUES = 1 << 17
+
+
+def search_sample(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A bounded, deterministic subsample of a tensor's values for the clipping searches."""
+    flat = x.reshape(-1)
+    if flat.size <= MAX_SEARCH_VALUES:
+        return flat
+    rng = np.random.default_rng(seed)
+    return flat[rng.choice(flat.size, MAX_SEARCH_VALUES, replace=False)]
+
+
+def skipped(ctx: Context, site) -> bool:
+    return site.name in ctx.config.skip_sites or site.role in ctx.config.skip_sites
+
+
+def weight_quantizer(ctx: Context, site, bits: int, method: str | None = None) -> Quantizer:
+    w = ctx.weight(site.weight)
+    method = method or ctx.config.weight_method
+    if method == "minmax":
+        return symmetric_per_channel(w, site.w_out_axis, bits)
+    return search_weight(w, site.w_out_axis, bits)
+
+
+def act_quantizer(ctx: Context, tensor: str, bits: int, method: str | None = None) -> Quantizer:
+    st = ctx.calib.stats[tensor]
+    method = method or ctx.config.act_method
+    if method == "minmax":
+        return uniform_from_range(st.min, st.max, bits)
+    return search_uniform(search_sample(st.sample, ctx.config.seed), bits, lo=st.min, hi=st.max)
+
+
+class UniformParams(Pass):
+    name = "uniform"
+
+    def __call__(self, ctx: Context) -> PassResult:
+        cfg = ctx.config
+        n = 0
+        for site in ctx.info.sites:
+            if skipped(ctx, site):
+                continue
+            p = SitePlan(site, cfg.wbits if site.weight else None, cfg.abits)
+            if site.weight:
+                p.weight = weight_quantizer(ctx, site, p.w_bits)
+            p.acts = [act_quantizer(ctx, a.tensor, p.a_bits) for a in site.inputs]
+            p.methods.append(f"uniform-{cfg.act_method}")
+            ctx.plan[site.name] = p
+            n += 1
+        return PassResult(ctx, False, f"W{cfg.wbits}A{cfg.abits} {cfg.weight_method}/{cfg.act_method} on {n} sites")

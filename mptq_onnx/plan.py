@@ -1,0 +1,110 @@
+"""What a conversion carries between passes: the config, the model, calibration data and the plan.
+
+The *plan* maps every site to its bit-widths and quantizers. Passes fill and refine it (uniform
+parameters, SQ-b, OPT-m, Greedy MP); the QDQ pass writes it into the graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import onnx
+
+from .analyze import GraphInfo, Site, analyze
+from .calibrate import CalibData
+from .errors import MptqError
+from .quantizers import Quantizer
+
+BITS_RANGE = (2, 8)
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    wbits: int = 8
+    abits: int = 8
+    recipe: str = "uniform"
+    calib_size: int = 128
+    act_method: str = "mse"          # minmax | mse
+    weight_method: str = "mse"       # minmax | mse
+    target_bits: float | None = None  # Greedy MP average bit-width
+    mp_candidates: tuple[int, ...] = (8, 6, 5, 4, 3)
+    mp_images: int = 16               # calibration images Greedy MP scores configurations on
+    sqb_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    row_budget: int = 4096            # token rows kept per Linear input for the searches
+    full_images: int = 16             # images whose attention tensors are kept whole
+    batch_size: int = 32
+    seed: int = 0
+    progress: bool = True
+    skip_sites: tuple[str, ...] = ()  # site names (or roles) left in float
+
+    def validate(self) -> None:
+        lo, hi = BITS_RANGE
+        for name in ("wbits", "abits"):
+            b = getattr(self, name)
+            if not isinstance(b, int) or not lo <= b <= hi:
+                raise MptqError(f"--{name} must be an integer from {lo} to {hi}, got {b}")
+        for b in self.mp_candidates:
+            if not lo <= b <= hi:
+                raise MptqError(f"bit-width candidates must lie in {lo}..{hi}, got {b}")
+        if self.target_bits is not None and not lo <= self.target_bits <= hi:
+            raise MptqError(f"--target-bits must lie in {lo}..{hi}, got {self.target_bits}")
+        if self.calib_size < 1:
+            raise MptqError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.act_method not in ("minmax", "mse") or self.weight_method not in ("minmax", "mse"):
+            raise MptqError("--act-method/--weight-method must be 'minmax' or 'mse'")
+
+
+@dataclasses.dataclass
+class SitePlan:
+    site: Site
+    w_bits: int | None
+    a_bits: int
+    weight: Quantizer | None = None
+    acts: list[Quantizer | None] = dataclasses.field(default_factory=list)
+    methods: list[str] = dataclasses.field(default_factory=list)
+
+    def method_str(self) -> str:
+        return "+".join(dict.fromkeys(self.methods)) or "uniform"
+
+
+class Context:
+    """State shared by the passes of one conversion."""
+
+    def __init__(self, model: onnx.ModelProto, config: QuantConfig, calib_images: np.ndarray | None = None):
+        self.model = model
+        self.config = config
+        self.calib_images = calib_images
+        self.calib: CalibData | None = None
+        self.plan: dict[str, SitePlan] = {}
+        self.report: dict = {"passes": []}
+        self.materialized = False
+        self.site_optimizer = None  # OPT-m's cache of per-(site, bits) quantizers, reused by Greedy MP
+        self._info: GraphInfo | None = None
+        self.t0 = time.perf_counter()
+
+    @property
+    def info(self) -> GraphInfo:
+        if self._info is None:
+            self._info = analyze(self.model)
+        return self._info
+
+    def invalidate(self) -> None:
+        """Call after a pass changed the graph structure (not after initializer-only edits)."""
+        self._info = None
+
+    def initializer(self, name: str) -> onnx.TensorProto:
+        for t in self.model.graph.initializer:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def weight(self, name: str) -> np.ndarray:
+        return onnx.numpy_helper.to_array(self.initializer(name))
+
+    def set_initializer(self, name: str, value: np.ndarray) -> None:
+        t = self.initializer(name)
+        t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+    def quantized_sites(self) -> list[SitePlan]:
+        return [p for p in self.plan.values()]

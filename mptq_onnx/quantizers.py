@@ -1,0 +1,189 @@
+"""Quantizer math in plain numpy: the reference every ONNX emission is tested against.
+
+Rounding is round-half-to-even (np.rint), as in ONNX QuantizeLinear and Round.
+Kinds:
+- ``uniform``: q = clip(rint(x / s) + z, qmin, qmax); x̂ = (q - z) s. Per-tensor or per-channel.
+- ``region``: split at zero, separate scales for the negative and the positive region (OPT-m's
+  post-GELU quantizer). Codes -n_neg..qpos, n_neg + qpos + 1 = 2^bits.
+- ``log2``: x̂ = s 2^-q, q = clip(rint(-log2(x / s)), 0, 2^bits - 2), the top code meaning 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+F32 = np.float32
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+@dataclasses.dataclass
+class Quantizer:
+    kind: str
+    bits: int
+    scale: np.ndarray                 # () or (C,) float32; region: the positive scale
+    zero_point: np.ndarray            # same shape, int
+    qmin: int
+    qmax: int
+    axis: int | None = None           # per-channel axis of the tensor it quantizes
+    neg_scale: float = 0.0            # region only
+    method: str = ""
+
+    def fake(self, x: np.ndarray) -> np.ndarray:
+        return fake_quant(x, self)
+
+    def describe(self) -> str:
+        s = np.atleast_1d(self.scale)
+        sc = f"{float(s[0]):.3g}" if s.size == 1 else f"[{float(s.min()):.3g}..{float(s.max()):.3g}]x{s.size}"
+        extra = f" neg_s={self.neg_scale:.3g}" if self.kind == "region" else ""
+        zp = np.atleast_1d(self.zero_point)
+        z = f" zp={int(zp[0])}" if zp.size == 1 and self.kind == "uniform" else ""
+        return f"{self.kind}{self.bits} s={sc}{z}{extra}"
+
+    def to_json(self) -> dict:
+        d = {"kind": self.kind, "bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "method": self.method}
+        s = np.atleast_1d(self.scale)
+        if s.size == 1:
+            d["scale"] = float(s[0])
+            d["zero_point"] = int(np.atleast_1d(self.zero_point)[0])
+        else:
+            d["axis"] = self.axis
+            d["scale_range"] = [float(s.min()), float(s.max())]
+        if self.kind == "region":
+            d["neg_scale"] = float(self.neg_scale)
+        return d
+
+
+def _bshape(q: Quantizer, x: np.ndarray):
+    if q.axis is None or np.ndim(q.scale) == 0:
+        return q.scale, q.zero_point
+    shape = [1] * x.ndim
+    shape[q.axis] = -1
+    return q.scale.reshape(shape), q.zero_point.reshape(shape)
+
+
+def fake_quant(x: np.ndarray, q: Quantizer) -> np.ndarray:
+    if q.kind == "uniform":
+        s, z = _bshape(q, x)
+        return ((np.clip(np.rint(x / s) + z, q.qmin, q.qmax) - z) * s).astype(F32)
+    if q.kind == "region":
+        neg = np.clip(np.rint(np.minimum(x, 0) / F32(q.neg_scale)), q.qmin, 0) * F32(q.neg_scale)
+        pos = np.clip(np.rint(np.maximum(x, 0) / q.scale), 0, q.qmax) * q.scale
+        return (neg + pos).astype(F32)
+    if q.kind == "log2":
+        with np.errstate(divide="ignore"):
+            e = np.clip(np.rint(-np.log2(np.maximum(x, 0) / q.scale)), 0, q.qmax)
+        return np.where(e >= q.qmax, F32(0), q.scale * np.exp2(-e)).astype(F32)
+    raise ValueError(f"unknown quantizer kind {q.kind!r}")
+
+
+def quantize_int(x: np.ndarray, q: Quantizer) -> np.ndarray:
+    """Integer codes of a uniform quantizer (what a stored weight holds)."""
+    s, z = _bshape(q, x)
+    return np.clip(np.rint(x / s) + z, q.qmin, q.qmax).astype(np.int32)
+
+
+# --- constructors -------------------------------------------------------------------------------
+
+def uniform_from_range(lo: float, hi: float, bits: int, *, signed_zero: bool = False,
+                       method: str = "minmax") -> Quantizer:
+    """Asymmetric per-tensor quantizer covering [lo, hi] (which is widened to contain 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = qrange(bits, signed_zero)
+    scale = max((hi - lo) / (qmax - qmin), 1e-8)
+    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return Quantizer("uniform", bits, np.array(scale, F32), np.array(zp, np.int32), qmin, qmax, method=method)
+
+
+def symmetric_per_channel(w: np.ndarray, axis: int, bits: int, absmax: np.ndarray | None = None,
+                          method: str = "minmax") -> Quantizer:
+    qmin, qmax = qrange(bits, True)
+    if absmax is None:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        absmax = np.abs(w).max(axis=red)
+    scale = np.maximum(absmax / qmax, 1e-8).astype(F32)
+    return Quantizer("uniform", bits, scale, np.zeros(scale.shape, np.int32), qmin, qmax, axis=axis, method=method)
+
+
+def region_quantizer(neg_min: float, pos_max: float, bits: int, neg_codes: int, method: str = "region") -> Quantizer:
+    """Region-wise quantizer: `neg_codes` codes below zero over [neg_min, 0), the rest over [0, pos_max]."""
+    qpos = (1 << bits) - 1 - neg_codes
+    s_pos = max(pos_max / max(qpos, 1), 1e-8)
+    s_neg = max(-min(neg_min, 0.0) / max(neg_codes, 1), 1e-8)
+    return Quantizer("region", bits, np.array(s_pos, F32), np.array(0, np.int32), -neg_codes, qpos,
+                     neg_scale=float(s_neg), method=method)
+
+
+def log2_quantizer(max_val: float, bits: int, method: str = "log2") -> Quantizer:
+    return Quantizer("log2", bits, np.array(max(max_val, 1e-8), F32), np.array(0, np.int32), 0,
+                     (1 << bits) - 1, method=method)
+
+
+# --- searches -----------------------------------------------------------------------------------
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    d = a - b
+    return float(np.mean(d * d))
+
+
+def search_uniform(x: np.ndarray, bits: int, err=None, *, lo: float | None = None, hi: float | None = None,
+                   grid: int = 20, floor: float = 0.2, rounds: int = 2, method: str = "mse") -> Quantizer:
+    """Per-tensor asymmetric clipping range [a·lo, b·hi] minimising `err(fake(x))` (default: MSE on x).
+
+    Coordinate descent over the two clipping ratios; with `err` measuring a layer's output this is
+    OPT-m's data-driven choice of the scaling factor.
+    """
+    lo = float(x.min()) if lo is None else lo
+    hi = float(x.max()) if hi is None else hi
+    err = err or (lambda xq: _mse(xq, x))
+    ratios = np.linspace(1.0, floor, grid)
+    a, b = 1.0, 1.0
+    cache: dict[tuple[float, float], tuple[float, Quantizer]] = {}
+
+    def score(ra, rb):
+        key = (round(ra, 6), round(rb, 6))
+        if key not in cache:
+            q = uniform_from_range(lo * ra, hi * rb, bits, method=method)
+            cache[key] = (err(fake_quant(x, q)), q)
+        return cache[key]
+
+    for _ in range(rounds):
+        if hi > 0:
+            b = min(ratios, key=lambda r: score(a, r)[0])
+        if lo < 0:
+            a = min(ratios, key=lambda r: score(r, b)[0])
+    return score(a, b)[1]
+
+
+def search_weight(w: np.ndarray, out_axis: int, bits: int, hessian: np.ndarray | None = None,
+                  in_axis: int | None = None, grid: int = 30, floor: float = 0.3,
+                  method: str = "mse") -> Quantizer:
+    """Per-output-channel symmetric clipping by grid search, per channel.
+
+    With `hessian` = XᵀX of the layer input (2-D weights only) the error of channel c is
+    d_cᵀ H d_c, the squared error of that output channel on the calibration tokens; otherwise it is
+    the weight MSE.
+    """
+    red = tuple(i for i in range(w.ndim) if i != out_axis)
+    absmax = np.abs(w).max(axis=red)
+    best_err = np.full(absmax.shape, np.inf)
+    best_scale = np.maximum(absmax / qrange(bits, True)[1], 1e-8).astype(F32)
+    for r in np.linspace(1.0, floor, grid):
+        q = symmetric_per_channel(w, out_axis, bits, absmax * r)
+        d = fake_quant(w, q) - w
+        if hessian is not None and w.ndim == 2:
+            dm = d if out_axis == 1 else d.T           # [in, out]
+            e = np.einsum("io,io->o", dm, hessian @ dm)
+        else:
+            e = (d * d).sum(axis=red)
+        better = e < best_err
+        best_err = np.where(better, e, best_err)
+        best_scale = np.where(better, q.scale, best_scale).astype(F32)
+    qmin, qmax = qrange(bits, True)
+    return Quantizer("uniform", bits, best_scale, np.zeros(best_scale.shape, np.int32), qmin, qmax,
+                     axis=out_axis, method=method)
