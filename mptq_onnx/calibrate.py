@@ -57,12 +57,23 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
-def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Full optimizations, but INT4 DequantizeLinear+MatMul fused to MatMulNBits computes in fp32.
+
+    onnxruntime's default for that fusion (accuracy level 4) requantizes the MatMul input to int8
+    blocks, which is not the computation the QDQ graph describes; level 1 is bit-exact with it.
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if threads:
         so.intra_op_num_threads = threads
+    return so
+
+
+def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    so = session_options(threads)
+    so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

@@ -33,8 +33,8 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int | None
     A path is opened by onnxruntime itself (so external-data files next to it are found);
     a ModelProto is serialized in memory.
     """
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from .calibrate import session_options
+    so = session_options()
     if threads:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3  # errors only: no per-node warnings on stderr

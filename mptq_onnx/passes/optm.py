@@ -22,8 +22,8 @@ from ..quantizers import (Quantizer, fake_quant, log2_quantizer, region_quantize
 from .base import Pass, PassResult
 from .uniform import skipped
 
-ROWS = 1024
-GRID = 12
+ROWS = 768
+GRID = 10
 
 
 def patchify(x: np.ndarray, k: int) -> np.ndarray:
@@ -102,15 +102,13 @@ def opt_linear_act(ctx: Context, site, data: SiteData, bits: int) -> Quantizer:
     best_err = err(fake_quant(x, best))
     neg_min, pos_max = min(st.min, 0.0), st.max
     hi_best = float(best.scale) * (best.qmax - int(best.zero_point))
-    for k in sorted({1, 2, 4, 1 << max(bits - 3, 0)}):
+    ratios = np.linspace(1.0, 0.3, 8)
+    cand_hi = [min(hi_best * r, pos_max) for r in (1.3, 1.15, 1.0, 0.9, 0.8, 0.7)]  # around the uniform optimum
+    for k in (1, 2):  # GELU's negative tail is short: a code or two below zero
         if k >= (1 << bits) // 2:
             continue
-        ratios = np.linspace(1.0, 0.2, GRID)
-        cand_hi = [min(hi_best * r * 1.6, pos_max) for r in ratios]  # around the uniform optimum
-        rn, ph = 1.0, hi_best
-        for _ in range(2):
-            ph = min(cand_hi, key=lambda h: err(fake_quant(x, region_quantizer(neg_min * rn, h, bits, k))))
-            rn = min(ratios, key=lambda r: err(fake_quant(x, region_quantizer(neg_min * r, ph, bits, k))))
+        ph = min(cand_hi, key=lambda h: err(fake_quant(x, region_quantizer(neg_min, h, bits, k))))
+        rn = min(ratios, key=lambda r: err(fake_quant(x, region_quantizer(neg_min * r, ph, bits, k))))
         q = region_quantizer(neg_min * rn, ph, bits, k, method="opt-m-region")
         e = err(fake_quant(x, q))
         if e < best_err:

@@ -1,0 +1,136 @@
+"""Passes on the embedded deit_tiny_tin (no torch needed): analysis, SQ-b folding, OPT-m, Greedy MP."""
+import numpy as np
+import onnx
+import pytest
+
+from mptq_onnx.analyze import analyze
+from mptq_onnx.calibrate import session
+from mptq_onnx.data import load_calibration
+from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
+from mptq_onnx.errors import MptqError
+from mptq_onnx.modelio import get_preprocess
+from mptq_onnx.passes.calibrate import Calibrate
+from mptq_onnx.passes.canonicalize import Canonicalize
+from mptq_onnx.passes.greedy_mp import GreedyMP
+from mptq_onnx.passes.optm import OptM
+from mptq_onnx.passes.qdq import average_bits, write_plan
+from mptq_onnx.passes.sqb import SmoothQuantBias
+from mptq_onnx.passes.uniform import UniformParams
+from mptq_onnx.plan import Context, QuantConfig
+from mptq_onnx.simulate import kl_divergence
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_embedded_model()
+
+
+@pytest.fixture(scope="module")
+def calib(model):
+    return load_calibration(embedded_calib_dir(), get_preprocess(model), 32, progress=False)
+
+
+def _run(m, x):
+    s = session(m)
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def _ctx(model, calib, **kw):
+    ctx = Context(model, QuantConfig(progress=False, **kw), calib)
+    Canonicalize()(ctx)
+    Calibrate()(ctx)
+    return ctx
+
+
+def test_analysis_finds_vit_roles(model):
+    info = analyze(model)
+    roles = {}
+    for s in info.sites:
+        roles[s.role] = roles.get(s.role, 0) + 1
+    assert roles == {"patch_embed": 1, "qkv": 12, "qk": 12, "av": 12, "proj": 12, "fc1": 12, "fc2": 12, "head": 1}
+    assert info.site("blocks.3.mlp.fc2").inputs[0].kind == "post_gelu"
+    assert info.site("blocks.3.attn.attn@v").inputs[0].kind == "post_softmax"
+    assert info.site("blocks.3.attn.qkv").inputs[0].kind == "post_ln"
+    # every qkv/fc1 hangs off its own LayerNorm, the head off the final norm
+    grouped = {n for g in info.ln_groups for n in g.sites}
+    assert {s.name for s in info.by_role("qkv", "fc1", "head")} <= grouped
+
+
+def test_non_vit_graph_is_rejected():
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    with pytest.raises(MptqError, match="not a ViT"):
+        analyze(helper.make_model(g))
+
+
+def test_sqb_folding_keeps_float_model(model, calib):
+    ctx = _ctx(model, calib, wbits=4, abits=4)
+    before = _run(ctx.model, calib[:8])
+    gamma_before = {g.gamma: ctx.weight(g.gamma).copy() for g in ctx.info.ln_groups}
+    res = SmoothQuantBias()(ctx)
+    assert res.modified and ctx.report["sqb_groups"] == 25
+    after = _run(ctx.model, calib[:8])
+    rel = np.abs(after - before).max() / np.abs(before).max()
+    assert rel < 1e-4, rel
+    assert any(not np.allclose(ctx.weight(k), v) for k, v in gamma_before.items())
+    # the post-LN input of qkv is now roughly centred per channel
+    st = ctx.calib.stats[ctx.info.site("blocks.5.attn.qkv").inputs[0].tensor]
+    assert np.abs(st.ch_mean).max() < 0.05 * np.abs(st.sample).max() + 1e-3 or \
+        np.abs((st.ch_min + st.ch_max) / 2).max() < 1e-3
+
+
+def test_sqb_lowers_layer_error(model, calib):
+    ctx = _ctx(model, calib, wbits=4, abits=4)
+    SmoothQuantBias()(ctx)
+    rep = ctx.report["sqb"]
+    assert all(v["err_after"] <= v["err_before"] for v in rep.values())
+    assert np.mean([v["err_after"] / v["err_before"] for v in rep.values()]) < 0.9
+
+
+def test_optm_picks_special_quantizers_at_4_bits(model, calib):
+    ctx = _ctx(model, calib, wbits=4, abits=4)
+    OptM()(ctx)
+    kinds = {p.site.role: p.acts[0].kind for p in ctx.plan.values()}
+    assert kinds["fc2"] in ("region", "uniform")
+    assert sum(p.acts[0].kind == "region" for p in ctx.plan.values() if p.site.role == "fc2") >= 6
+    assert sum(p.acts[0].kind == "log2" for p in ctx.plan.values() if p.site.role == "av") >= 6
+
+
+def test_simulation_matches_qdq(model, calib):
+    """The fake-quant graph Greedy MP scores with computes what the QDQ model computes."""
+    ctx = _ctx(model, calib, wbits=4, abits=4)
+    OptM()(ctx)
+    qdq, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    sim, _ = write_plan(ctx.model, ctx.plan, "sim")
+    a, b = _run(qdq, calib[:8]), _run(sim, calib[:8])
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.875
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
+
+
+def test_greedy_mp_reaches_budget(model, calib):
+    ctx = _ctx(model, calib, wbits=8, abits=8, target_bits=6.0, mp_candidates=(8, 6, 4), mp_images=4)
+    UniformParams()(ctx)
+    res = GreedyMP()(ctx)
+    wb, ab = average_bits(ctx.plan, ctx.report["act_sizes"])
+    assert wb <= 6.0 + 1e-6 and ab <= 6.0 + 1e-6
+    assert wb > 5.0 and ab > 5.0  # it stops at the budget, not far below
+    bits = {p.w_bits for p in ctx.plan.values() if p.w_bits} | {p.a_bits for p in ctx.plan.values()}
+    assert len(bits) >= 2  # mixed, not uniform
+    mp = ctx.report["greedy_mp"]
+    assert mp["path"] and mp["kl_end"] >= 0 and "moves" in res.summary
+
+
+def test_kl_divergence():
+    z = np.random.default_rng(0).standard_normal((4, 10))
+    assert kl_divergence(z, z) == pytest.approx(0, abs=1e-12)
+    assert kl_divergence(z, -z) > 0.5
+
+
+def test_already_quantized_is_rejected(model, calib):
+    ctx = _ctx(model, calib, wbits=8, abits=8)
+    UniformParams()(ctx)
+    q, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    with pytest.raises(MptqError, match="already quantized"):
+        Canonicalize()(Context(q, QuantConfig(), calib))
