@@ -1,0 +1,35 @@
+"""Render tools/benchmark.py JSON results as a Markdown table: python tools/table.py runs/deit_tiny_tin.json"""
+import json
+import sys
+
+NAMES = {"float": "float32", "ort:8:MinMax": "onnxruntime quantize_static W8A8 MinMax",
+         "ort:4:MinMax": "onnxruntime quantize_static W4A4 MinMax",
+         "ort:4:Percentile": "onnxruntime quantize_static W4A4 Percentile"}
+
+
+def label(c: str) -> str:
+    if c in NAMES:
+        return NAMES[c]
+    recipe, b = c.split(":")
+    if recipe.endswith("-mp"):
+        return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits"
+    return f"mptq-onnx {recipe} W{b}A{b}"
+
+
+def main(paths):
+    for p in paths:
+        rows = json.load(open(p))
+        f = next((r["top1"] for r in rows if r["config"] == "float"), None)
+        print(f"\n{rows[0]['card']}: {rows[0]['images']} images of tin_val_dev, {rows[0]['calib_images']} "
+              "calibration images from tin_calib\n")
+        print("| model | avg W/A bits | top-1 | % of float | top-5 | convert s | size MB |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            bits = f"{r['avg_w_bits']:.2f}/{r['avg_a_bits']:.2f}" if "avg_w_bits" in r else "-"
+            pct = f"{100 * r['top1'] / f:.1f}" if f else "-"
+            print(f"| {label(r['config'])} | {bits} | {r['top1']:.4f} | {pct} | {r['top5']:.4f} | "
+                  f"{r['convert_seconds']:.1f} | {r['size_mb']:.1f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
