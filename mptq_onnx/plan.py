@@ -105,6 +105,3 @@ class Context:
     def set_initializer(self, name: str, value: np.ndarray) -> None:
         t = self.initializer(name)
         t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
-
-    def quantized_sites(self) -> list[SitePlan]:
-        return [p for p in self.plan.values()]
