@@ -131,7 +131,7 @@ def cmd_demo(a) -> int:
 
 
 def _add_quant_args(p):
-    p.add_argument("--recipe", default="uniform", help="uniform | mptq | sqb | optm (default: uniform)")
+    p.add_argument("--recipe", default="uniform", help="uniform | mptq | mptq-paper | sqb | optm (default: uniform)")
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits, 2-8 (default 8)")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
     p.add_argument("--target-bits", type=float, default=None,

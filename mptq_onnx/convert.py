@@ -6,6 +6,7 @@ import onnx
 
 from .errors import MptqError
 from .passes.base import Pass, PassManager
+from .passes.attn_smooth import AttnSmooth
 from .passes.calibrate import Calibrate
 from .passes.canonicalize import Canonicalize
 from .passes.optm import OptM
@@ -21,6 +22,8 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     if cfg.recipe == "uniform":
         body: list[Pass] = [UniformParams()]
     elif cfg.recipe == "mptq":
+        body = [AttnSmooth(), SmoothQuantBias(), OptM()]
+    elif cfg.recipe == "mptq-paper":  # the paper's passes only: no smoothing inside attention
         body = [SmoothQuantBias(), OptM()]
     elif cfg.recipe == "optm":  # ablation: OPT-m without SQ-b
         body = [OptM()]
@@ -29,10 +32,11 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
+
     return head + body + tail + [WriteQDQ()]
 
 
-RECIPES = ("uniform", "mptq", "sqb", "optm")
+RECIPES = ("uniform", "mptq", "sqb", "optm", "mptq-paper")
 
 
 def convert(model: onnx.ModelProto, calib_images: np.ndarray, cfg: QuantConfig,

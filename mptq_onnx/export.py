@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from .errors import MptqError
+from .graph import copy_node_metadata
 from .modelio import Preprocess, save_model, set_metadata, set_preprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -410,17 +411,7 @@ def _convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
 def _restore_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     """The version converter drops node/input/output metadata_props (the module paths): copy
     them back, by node name (the converter keeps names), else by position when ops line up."""
-    s_nodes, d_nodes = list(src.graph.node), list(dst.graph.node)
-    by_name = {n.name: n for n in s_nodes if n.name}
-    if len(by_name) == len(s_nodes) and all(n.name in by_name for n in d_nodes):
-        pairs = [(by_name[n.name], n) for n in d_nodes]
-    elif len(s_nodes) == len(d_nodes) and all(a.op_type == b.op_type for a, b in zip(s_nodes, d_nodes)):
-        pairs = list(zip(s_nodes, d_nodes))
-    else:
-        pairs = []
-    for s, d in pairs:
-        if s.metadata_props and not d.metadata_props:
-            d.metadata_props.extend(s.metadata_props)
+    copy_node_metadata(list(src.graph.node), list(dst.graph.node))
     for s_list, d_list in ((src.graph.input, dst.graph.input), (src.graph.output, dst.graph.output)):
         names = {v.name: v for v in s_list}
         for d in d_list:

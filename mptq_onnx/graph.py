@@ -94,3 +94,18 @@ class GraphIndex:
     def last_dim(self, name: str):
         s = self.shapes.get(name)
         return s[-1] if s else None
+
+
+def copy_node_metadata(src: list[onnx.NodeProto], dst: list[onnx.NodeProto]) -> None:
+    """Copy node metadata_props (the module paths) that a rewrite dropped: by node name when the
+    names are unique and all found, else by position when the op types line up."""
+    by_name = {n.name: n for n in src if n.name}
+    if len(by_name) == len(src) and all(n.name in by_name for n in dst if n.name):
+        pairs = [(by_name[n.name], n) for n in dst if n.name]
+    elif len(src) == len(dst) and all(a.op_type == b.op_type for a, b in zip(src, dst)):
+        pairs = list(zip(src, dst))
+    else:
+        pairs = [(by_name[n.name], n) for n in dst if n.name in by_name]
+    for a, b in pairs:
+        if a.metadata_props and not b.metadata_props:
+            b.metadata_props.extend(a.metadata_props)

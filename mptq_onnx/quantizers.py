@@ -68,13 +68,36 @@ def _bshape(q: Quantizer, x: np.ndarray):
 
 
 def fake_quant(x: np.ndarray, q: Quantizer) -> np.ndarray:
+    """Quantize-dequantize in float32, as QuantizeLinear/DequantizeLinear compute it.
+
+    In-place float32 arithmetic: the searches call this thousands of times per conversion.
+    (q − z)·s of two float32 values rounds the same in float32 as in float64, so this equals the
+    float64 formula cast to float32.
+    """
+    x = np.asarray(x, F32)
     if q.kind == "uniform":
         s, z = _bshape(q, x)
-        return ((np.clip(np.rint(x / s) + z, q.qmin, q.qmax) - z) * s).astype(F32)
+        s, z = np.asarray(s, F32), np.asarray(z, F32)
+        y = x / s
+        np.rint(y, out=y)
+        y += z
+        np.maximum(y, F32(q.qmin), out=y)
+        np.minimum(y, F32(q.qmax), out=y)
+        y -= z
+        y *= s
+        return y
     if q.kind == "region":
-        neg = np.clip(np.rint(np.minimum(x, 0) / F32(q.neg_scale)), q.qmin, 0) * F32(q.neg_scale)
-        pos = np.clip(np.rint(np.maximum(x, 0) / q.scale), 0, q.qmax) * q.scale
-        return (neg + pos).astype(F32)
+        sn, sp = F32(q.neg_scale), np.asarray(q.scale, F32)
+        neg = np.minimum(x, F32(0)) / sn
+        np.rint(neg, out=neg)
+        np.maximum(neg, F32(q.qmin), out=neg)
+        neg *= sn
+        pos = np.maximum(x, F32(0)) / sp
+        np.rint(pos, out=pos)
+        np.minimum(pos, F32(q.qmax), out=pos)
+        pos *= sp
+        pos += neg
+        return pos
     if q.kind == "log2":
         with np.errstate(divide="ignore"):
             e = np.clip(np.rint(-np.log2(np.maximum(x, 0) / q.scale)), 0, q.qmax)
@@ -127,8 +150,8 @@ def log2_quantizer(max_val: float, bits: int, method: str = "log2") -> Quantizer
 # --- searches -----------------------------------------------------------------------------------
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
-    d = a - b
-    return float(np.mean(d * d))
+    d = (a - b).reshape(-1)
+    return float(d @ d) / max(d.size, 1)
 
 
 def search_uniform(x: np.ndarray, bits: int, err=None, *, lo: float | None = None, hi: float | None = None,

@@ -92,6 +92,8 @@ class Simulator:
         kind = self._kind(q, s)
         if kind == "region":
             q = as_region(q)
+        if kind not in s.params:
+            raise ValueError(f"slot {site}/{key} was built for {s.kinds}, not a {kind} quantizer")
         out: dict[str, np.ndarray] = {}
         names = s.params[kind]
         for k, n in names.items():

@@ -9,9 +9,10 @@ from mptq_onnx.data import load_calibration
 from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
 from mptq_onnx.errors import MptqError
 from mptq_onnx.modelio import get_preprocess
+from mptq_onnx.passes.attn_smooth import AttnSmooth
 from mptq_onnx.passes.calibrate import Calibrate
 from mptq_onnx.passes.canonicalize import Canonicalize
-from mptq_onnx.passes.greedy_mp import GreedyMP
+from mptq_onnx.passes.greedy_mp import GreedyMP, cost_table
 from mptq_onnx.passes.optm import OptM
 from mptq_onnx.passes.qdq import average_bits, write_plan
 from mptq_onnx.passes.sqb import SmoothQuantBias
@@ -89,6 +90,45 @@ def test_sqb_lowers_layer_error(model, calib):
     assert np.mean([v["err_after"] / v["err_before"] for v in rep.values()]) < 0.9
 
 
+def test_attn_smooth_keeps_float_model_and_rescales_stats(model, calib):
+    ctx = _ctx(model, calib, wbits=4, abits=4)
+    before = _run(ctx.model, calib[:8])
+    qk = ctx.info.site("blocks.4.attn.q@k")
+    proj = ctx.info.site("blocks.4.attn.proj")
+    res = AttnSmooth()(ctx)
+    assert res.modified
+    rep = ctx.report["attn_smooth"]
+    assert any(v["kind"] == "qk" for v in rep.values()) and any(v["kind"] == "v-proj" for v in rep.values())
+    assert all(v["err_after"] < v["err_before"] for v in rep.values())
+    after = _run(ctx.model, calib[:8])
+    assert np.abs(after - before).max() / np.abs(before).max() < 1e-4
+    # the stored statistics describe the rescaled tensors: recalibrate and compare
+    fresh = _ctx(ctx.model, calib, wbits=4, abits=4).calib.stats
+    for t in [i.tensor for i in qk.inputs] + [proj.inputs[0].tensor]:
+        a, b = ctx.calib.stats[t], fresh[t]
+        np.testing.assert_allclose(a.sample, b.sample, rtol=1e-3, atol=1e-3 * np.abs(b.sample).max())
+        if t == proj.inputs[0].tensor:  # row statistics transform exactly
+            assert a.max == pytest.approx(b.max, rel=1e-3) and a.min == pytest.approx(b.min, rel=1e-3)
+        else:  # whole-tensor ranges beyond the kept images are estimated (see attn_smooth._rescaled)
+            assert 0.7 < a.max / b.max < 1.4 and 0.7 < a.min / b.min < 1.4
+
+
+def test_attn_smooth_reverts_on_unexpected_layout(model, calib):
+    """If the qkv column layout is not [3, heads, dim], the float check catches it and undoes all."""
+    ctx = _ctx(model, calib, wbits=4, abits=4)
+    w_before = {s.weight: ctx.weight(s.weight).copy() for s in ctx.info.by_role("qkv", "proj")}
+    import mptq_onnx.passes.attn_smooth as A
+    orig = A._set_w_io
+    A._set_w_io = lambda c, site, w: orig(c, site, w[:, ::-1] if site.role == "qkv" else w)  # a wrong layout
+    try:
+        res = AttnSmooth()(ctx)
+    finally:
+        A._set_w_io = orig
+    assert not res.modified and "not timm's" in res.summary
+    for k, v in w_before.items():
+        np.testing.assert_array_equal(ctx.weight(k), v)
+
+
 def test_optm_picks_special_quantizers_at_4_bits(model, calib):
     ctx = _ctx(model, calib, wbits=4, abits=4)
     OptM()(ctx)
@@ -120,6 +160,26 @@ def test_greedy_mp_reaches_budget(model, calib):
     assert len(bits) >= 2  # mixed, not uniform
     mp = ctx.report["greedy_mp"]
     assert mp["path"] and mp["kl_end"] >= 0 and "moves" in res.summary
+
+
+def test_greedy_mp_with_optm_kinds(model, calib):
+    """OPT-m's region (post-GELU) and log2 (post-Softmax) slots can be lowered and fed."""
+    ctx = _ctx(model, calib, wbits=8, abits=8, target_bits=5.0, mp_candidates=(8, 5, 3), mp_images=4)
+    OptM()(ctx)
+    GreedyMP()(ctx)
+    wb, ab = average_bits(ctx.plan, ctx.report["act_sizes"])
+    assert wb <= 5.0 + 1e-6 and ab <= 5.0 + 1e-6
+    assert {p.acts[0].kind for p in ctx.plan.values() if p.site.role == "fc2"} <= {"region", "uniform"}
+
+
+def test_cost_table_extrapolates_from_low_bits():
+    t = cost_table({3: 0.8, 4: 0.2}, [8, 6, 5, 4, 3])
+    assert t[8] == 0 and t[4] == 0.2 and t[3] == 0.8
+    assert t[5] == pytest.approx(0.05) and t[6] == pytest.approx(0.0125)
+    # a noisy measurement (lower cost at fewer bits) still gives a cost growing by >= 2x per bit
+    t = cost_table({3: 0.1, 4: 0.2}, [8, 6, 4, 3])
+    assert t[3] >= t[4] and t[6] == pytest.approx(0.2 / 4)
+    assert cost_table({}, [8]) == {8: 0.0}
 
 
 def test_kl_divergence():

@@ -32,11 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", required=True)
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--val", default=None, help="evaluation folder (default ../shared/data/tin_val_dev); "
+                    "use tin_calib to compare settings without looking at the reported images")
     ap.add_argument("--work", default=str(REPO / "runs"))
     ap.add_argument("--out", required=True, help="JSON results (appended per config as they finish)")
     a = ap.parse_args(argv)
     shared = Path(a.shared)
-    calib, val = shared / "data" / "tin_calib", shared / "data" / "tin_val_dev"
+    calib, val = shared / "data" / "tin_calib", Path(a.val or shared / "data" / "tin_val_dev")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     float_path = work / f"{a.card}.onnx"
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     results = json.loads(out.read_text()) if out.exists() else []
     for cfg_s in a.configs:
         parts = cfg_s.split(":")
-        row = {"card": a.card, "config": cfg_s, "calib_images": len(images), "limit": a.limit}
+        row = {"card": a.card, "config": cfg_s, "calib_images": len(images), "limit": a.limit, "val": val.name}
         qpath = work / f"{a.card}.{cfg_s.replace(':', '_')}.onnx"
         t = time.perf_counter()
         if parts[0] == "float":

@@ -5,6 +5,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import MptqError
+from ..graph import copy_node_metadata
 from ..plan import Context
 from .base import Pass, PassResult
 
@@ -13,8 +14,7 @@ TARGET_OPSET = 21
 
 def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     done = []
-    # the version converter and graphsurgeon drop node metadata (the module paths): restore it by name
-    meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.name and n.metadata_props}
+    src_nodes = list(model.graph.node)  # the converter and graphsurgeon drop node metadata
     ops = {o.domain: o.version for o in model.opset_import}
     ver = ops.get("", ops.get("ai.onnx", 0))
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger")
@@ -50,10 +50,9 @@ def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
     new.producer_name, new.producer_version = model.producer_name, model.producer_version
     if len(new.graph.node) != n_before:
         done.append(f"removed {n_before - len(new.graph.node)} dead nodes")
+    copy_node_metadata(src_nodes, list(new.graph.node))
     seen = set()
     for i, n in enumerate(new.graph.node):
-        if n.name in meta and not n.metadata_props:
-            n.metadata_props.extend(meta[n.name])
         if not n.name or n.name in seen:
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)

@@ -59,16 +59,18 @@ class SiteData:
         self.x_all = rows
         idx = np.sort(rng.choice(len(rows), min(ROWS, len(rows)), replace=False))
         self.x = rows[idx]
-        # ‖D W‖² = ‖D U Σ‖² with W = U Σ Vᵀ: a thinner matrix for the repeated products
-        u, sv, _ = np.linalg.svd(self.w, full_matrices=False)
-        self.proj = (u * sv).astype(np.float32)
+        # ‖D W‖² = ‖D P‖² for any P with P Pᵀ = W Wᵀ: the thinner of W and U·sqrt(Λ) (W Wᵀ = U Λ Uᵀ)
+        if self.w.shape[1] <= self.w.shape[0]:
+            self.proj = np.ascontiguousarray(self.w, np.float32)
+        else:
+            lam, u = np.linalg.eigh(self.w.astype(np.float64) @ self.w.T.astype(np.float64))
+            self.proj = (u * np.sqrt(np.maximum(lam, 0.0))).astype(np.float32)
         self._h = None
 
     @property
     def hessian(self) -> np.ndarray:
         if self._h is None:
-            x = self.x_all.astype(np.float64)
-            self._h = (x.T @ x).astype(np.float32)
+            self._h = self.x_all.T @ self.x_all  # float32 is plenty to rank clipping candidates
         return self._h
 
     def out_err(self, xq_minus_x: np.ndarray) -> float:
@@ -163,6 +165,16 @@ class SiteOptimizer:
         if key not in self._w:
             self._w[key] = opt_weight(self.ctx, site, self.data(site), bits)
         return self._w[key]
+
+    def act_kinds(self, site, i: int) -> list[str]:
+        """Every kind `acts` may return for input i at any bit-width (region covers uniform)."""
+        kind = site.inputs[i].kind
+        if kind == "post_gelu" and site.op != "act_matmul" and self.data(site) is not None \
+                and self.data(site).x is not None:
+            return ["region"]
+        if kind == "post_softmax" and site.op == "act_matmul":
+            return ["log2", "uniform"]
+        return ["uniform"]
 
     def acts(self, site, bits: int) -> list[Quantizer]:
         key = (site.name, bits)

@@ -17,6 +17,7 @@ from ..graph import GraphIndex
 from ..plan import Context
 from ..quantizers import fake_quant, search_uniform, symmetric_per_channel
 from .base import Pass, PassResult
+from .uniform import search_sample
 
 ROWS = 1024
 
@@ -26,8 +27,12 @@ def _w_in_out(w: np.ndarray, site) -> np.ndarray:
     return w if site.w_in_axis == 0 else w.T
 
 
+QUICK_VALUES = 1 << 15  # values the quick clipping search looks at (the range comes from all of x)
+
+
 def _quick_act(x: np.ndarray, bits: int) -> np.ndarray:
-    q = search_uniform(x, bits, grid=10, floor=0.4, rounds=1)
+    sub = search_sample(x, 0, QUICK_VALUES)
+    q = search_uniform(sub, bits, lo=float(x.min()), hi=float(x.max()), grid=10, floor=0.4, rounds=1)
     return fake_quant(x, q)
 
 

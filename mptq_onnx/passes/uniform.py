@@ -14,13 +14,13 @@ from .base import Pass, PassResult
 MAX_SEARCH_VALUES = 1 << 17
 
 
-def search_sample(x: np.ndarray, seed: int = 0) -> np.ndarray:
+def search_sample(x: np.ndarray, seed: int = 0, limit: int = MAX_SEARCH_VALUES) -> np.ndarray:
     """A bounded, deterministic subsample of a tensor's values for the clipping searches."""
     flat = x.reshape(-1)
-    if flat.size <= MAX_SEARCH_VALUES:
+    if flat.size <= limit:
         return flat
     rng = np.random.default_rng(seed)
-    return flat[rng.choice(flat.size, MAX_SEARCH_VALUES, replace=False)]
+    return flat[rng.choice(flat.size, limit, replace=False)]
 
 
 def skipped(ctx: Context, site) -> bool:

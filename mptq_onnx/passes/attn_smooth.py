@@ -1,0 +1,180 @@
+"""Attention smoothing: exact per-channel rescalings inside self-attention, folded into weights.
+
+Two equalities of timm's attention, with Q, K, V the column blocks of the qkv Linear:
+- Q·Kᵀ = (Q / s)(K · s)ᵀ for any per-channel s > 0. With s = sqrt(max|Q_c| / max|K_c|) both
+  operands of channel c get the same range, which takes the outlier channels out of the
+  per-tensor quantizers of the Q·Kᵀ MatMul.
+- softmax rows sum to 1, so attn·(V − μ)/s = (attn·V − μ)/s: the input of the output projection
+  can be shifted and smoothed like SQ-b's LayerNorm outputs, folded into V's columns and bias
+  (V' = (V − μ)/s) and into proj (W' = diag(s) W, b' = b + μW). α and the shift are searched on
+  proj's quantized output error, as SQ-b does.
+These are SmoothQuant's idea applied inside attention; MPTQ-ViT's paper smooths only LayerNorm
+outputs, so `mptq-paper` leaves this pass out (the ablation shows what it adds). Each block keeps
+a rescaling only where it lowers the quantized error on calibration data, and the float model is
+checked to be unchanged (else everything is reverted).
+
+Layout assumed (timm's Attention and WindowAttention): qkv output channels are [3, heads, head_dim];
+Q enters Q·Kᵀ as [.., heads, tokens, head_dim], Kᵀ as [.., heads, head_dim, tokens], V enters
+attn·V as [.., heads, tokens, head_dim], and proj's input channels are (head, head_dim).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..calibrate import TensorStats, session
+from ..plan import Context
+from ..quantizers import fake_quant, search_uniform
+from .base import Pass, PassResult
+from .sqb import ROWS, group_error, smoothing_scale
+from .uniform import search_sample, skipped
+
+MAX_IMAGES = 8  # attention tensors of this many calibration images score the Q/K choice
+S_RANGE = (1e-2, 1e2)
+
+
+def _quant_product_err(q: np.ndarray, k: np.ndarray, bits: int, ref: np.ndarray) -> float:
+    qq = fake_quant(q, search_uniform(search_sample(q), bits, grid=10, rounds=1))
+    kq = fake_quant(k, search_uniform(search_sample(k), bits, grid=10, rounds=1))
+    d = qq @ kq - ref
+    return float((d * d).sum())
+
+
+def _rescaled(st: TensorStats, sample: np.ndarray) -> TensorStats:
+    """Stats of a whole-tensor sample after a per-channel map: the sample is recomputed; the global
+    range keeps its old margin over the sample (the images beyond the sample are not stored)."""
+    s_lo, s_hi = float(st.sample.min()), float(st.sample.max())
+    lo_r = st.min / s_lo if s_lo < 0 else 1.0
+    hi_r = st.max / s_hi if s_hi > 0 else 1.0
+    return TensorStats(st.name, float(sample.min()) * max(lo_r, 1.0), float(sample.max()) * max(hi_r, 1.0),
+                       rows=st.rows, numel=st.numel, sample=sample)
+
+
+def _w_io(ctx: Context, site) -> np.ndarray:
+    w = ctx.weight(site.weight)
+    return w if site.w_in_axis == 0 else w.T
+
+
+def _set_w_io(ctx: Context, site, w_io: np.ndarray) -> None:
+    ctx.set_initializer(site.weight, (w_io if site.w_in_axis == 0 else w_io.T).astype(np.float32))
+
+
+class AttnSmooth(Pass):
+    name = "attn-smooth"
+
+    def __call__(self, ctx: Context) -> PassResult:
+        info, stats, cfg = ctx.info, ctx.calib.stats, ctx.config
+        by_block: dict[str, dict[str, object]] = {}
+        for s in info.sites:
+            if s.block and s.role in ("qkv", "qk", "av", "proj"):
+                by_block.setdefault(s.block, {})[s.role] = s
+        backup: dict[str, np.ndarray] = {}
+        new_stats: dict[str, TensorStats] = {}
+        rng = np.random.default_rng(cfg.seed)
+        n_qk = n_v = 0
+        report: dict[str, dict] = {}
+
+        def save(name):
+            if name not in backup:
+                backup[name] = ctx.weight(name)
+
+        for block, roles in by_block.items():
+            lin, qk, av, proj = (roles.get(r) for r in ("qkv", "qk", "av", "proj"))
+            if lin is None or lin.weight is None or skipped(ctx, lin):
+                continue
+            w = _w_io(ctx, lin)
+            if qk is not None and not skipped(ctx, qk):
+                r = self._qk(ctx, lin, qk, w, backup, new_stats, save)
+                if r:
+                    report[qk.name] = r
+                    n_qk += 1
+                    w = _w_io(ctx, lin)
+            if av is not None and proj is not None and proj.weight is not None and lin.bias and proj.bias \
+                    and not skipped(ctx, proj):
+                r = self._v_proj(ctx, lin, av, proj, w, rng, new_stats, save)
+                if r:
+                    report[proj.name] = r
+                    n_v += 1
+        if not report:
+            return PassResult(ctx, False, "no attention block improved")
+        sess = session(ctx.model)
+        x = ctx.calib_images[:2]
+        y = sess.run([info.output_name], {info.input_name: x})[0]
+        ref = ctx.calib.logits[:2]
+        if np.abs(y - ref).max() > 1e-3 * max(np.abs(ref).max(), 1.0):
+            for name, v in backup.items():
+                ctx.set_initializer(name, v)
+            return PassResult(ctx, False, "skipped: the attention layout is not timm's (float outputs changed)")
+        stats.update(new_stats)
+        ctx.report["attn_smooth"] = report
+        return PassResult(ctx, True, f"Q/K smoothed in {n_qk} blocks, V/proj shifted and smoothed in {n_v}")
+
+    def _qk(self, ctx, lin, qk, w, backup, new_stats, save) -> dict | None:
+        sq, sk = (ctx.calib.stats[i.tensor] for i in qk.inputs)
+        q, k = sq.sample, sk.sample
+        if q is None or k is None or q.ndim != 4 or k.ndim != 4 or q.shape[1] != k.shape[1] \
+                or q.shape[3] != k.shape[2] or w.shape[1] != 3 * q.shape[1] * q.shape[3]:
+            return None
+        heads, d = q.shape[1], q.shape[3]
+        qmax, kmax = np.abs(q).max(axis=(0, 2)), np.abs(k).max(axis=(0, 3))  # [heads, d]
+        s = np.clip(np.sqrt(np.maximum(qmax, 1e-6) / np.maximum(kmax, 1e-6)), *S_RANGE).astype(np.float32)
+        n = max(q.shape[0] * MAX_IMAGES // max(min(len(ctx.calib_images), ctx.config.full_images), 1), 1)
+        qs, ks = q[:n], k[:n]
+        ref = qs @ ks
+        e0 = _quant_product_err(qs, ks, ctx.config.abits, ref)
+        e1 = _quant_product_err(qs / s[None, :, None, :], ks * s[None, :, :, None], ctx.config.abits, ref)
+        if not e1 < e0:
+            return None
+        c = heads * d
+        col = np.ones(3 * c, np.float32)
+        col[:c], col[c:2 * c] = 1.0 / s.reshape(-1), s.reshape(-1)
+        save(lin.weight)
+        _set_w_io(ctx, lin, w * col[None, :])
+        save(lin.bias)
+        ctx.set_initializer(lin.bias, (ctx.weight(lin.bias) * col).astype(np.float32))
+        new_stats[sq.name] = _rescaled(sq, q / s[None, :, None, :])
+        new_stats[sk.name] = _rescaled(sk, k * s[None, :, :, None])
+        return {"kind": "qk", "err_before": round(e0, 5), "err_after": round(e1, 5)}
+
+    def _v_proj(self, ctx, lin, av, proj, w, rng, new_stats, save) -> dict | None:
+        cfg = ctx.config
+        sx = ctx.calib.stats[proj.inputs[0].tensor]
+        sv = ctx.calib.stats[av.inputs[1].tensor]
+        x, v = sx.sample, sv.sample
+        wp = _w_io(ctx, proj)
+        c = wp.shape[0]
+        if x is None or sx.ch_min is None or v is None or v.ndim != 4 or v.shape[1] * v.shape[3] != c \
+                or w.shape[1] != 3 * c:
+            return None
+        xs = x[np.sort(rng.choice(len(x), min(ROWS, len(x)), replace=False))]
+        ys = [xs @ wp]
+        w_absmax = np.abs(wp).max(axis=1)
+        zero, one = np.zeros(c, np.float32), np.ones(c, np.float32)
+        err0 = group_error(xs, [wp], ys, zero, one, cfg.wbits, cfg.abits)
+        best = (err0, None, None, "none", 0.0)
+        for shift in ("mean", "midrange"):
+            mu = (sx.ch_mean if shift == "mean" else (sx.ch_min + sx.ch_max) / 2).astype(np.float32)
+            y_absmax = np.maximum(np.abs(sx.ch_max - mu), np.abs(sx.ch_min - mu))
+            for a in cfg.sqb_alphas:
+                s = smoothing_scale(y_absmax, w_absmax, a)
+                e = group_error(xs, [wp], ys, mu, s, cfg.wbits, cfg.abits)
+                if e < best[0]:
+                    best = (e, mu, s, shift, a)
+        if best[1] is None:
+            return None
+        e, mu, s, shift, a = best
+        heads, d = v.shape[1], v.shape[3]
+        save(lin.weight)
+        w2 = w.copy()
+        w2[:, 2 * c:] = w[:, 2 * c:] / s[None, :]
+        _set_w_io(ctx, lin, w2)
+        save(lin.bias)
+        b = ctx.weight(lin.bias).copy()
+        b[2 * c:] = (b[2 * c:] - mu) / s
+        ctx.set_initializer(lin.bias, b.astype(np.float32))
+        save(proj.weight)
+        save(proj.bias)
+        ctx.set_initializer(proj.bias, (ctx.weight(proj.bias) + mu @ wp).astype(np.float32))
+        _set_w_io(ctx, proj, wp * s[:, None])
+        new_stats[sx.name] = sx.transformed(mu, s)
+        new_stats[sv.name] = _rescaled(sv, (v - mu.reshape(1, heads, 1, d)) / s.reshape(1, heads, 1, d))
+        return {"kind": "v-proj", "alpha": a, "shift": shift, "err_before": round(err0, 5), "err_after": round(e, 5)}
