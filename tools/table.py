@@ -16,11 +16,24 @@ def label(c: str) -> str:
     return f"mptq-onnx {recipe} W{b}A{b}"
 
 
+def order(r: dict):
+    """float, then onnxruntime, then ours; higher bit-widths first, uniform before mptq."""
+    c = r["config"]
+    if c == "float":
+        return (0, 0, "")
+    parts = c.split(":")
+    if parts[0] == "ort":
+        return (1, -int(parts[1]), parts[2])
+    rank = {"uniform": 0, "sqb": 1, "optm": 2, "mptq-paper": 3, "mptq": 4}
+    return (2, -float(parts[1]), f"{int(parts[0].endswith('-mp'))}{rank.get(parts[0], 5)}{parts[0]}")
+
+
 def main(paths):
     for p in paths:
-        rows = json.load(open(p))
+        rows = sorted(json.load(open(p)), key=order)
         f = next((r["top1"] for r in rows if r["config"] == "float"), None)
-        print(f"\n{rows[0]['card']}: {rows[0]['images']} images of tin_val_dev, {rows[0]['calib_images']} "
+        print(f"\n{rows[0]['card']}: {rows[0]['images']} images of {rows[0].get('val', 'tin_val_dev')}, "
+              f"{rows[0]['calib_images']} "
               "calibration images from tin_calib\n")
         print("| model | avg W/A bits | top-1 | % of float | top-5 | convert s | size MB |")
         print("|---|---|---|---|---|---|---|")
