@@ -32,7 +32,6 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
-
     return head + body + tail + [WriteQDQ()]
 
 

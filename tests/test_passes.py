@@ -118,12 +118,12 @@ def test_attn_smooth_reverts_on_unexpected_layout(model, calib):
     ctx = _ctx(model, calib, wbits=4, abits=4)
     w_before = {s.weight: ctx.weight(s.weight).copy() for s in ctx.info.by_role("qkv", "proj")}
     import mptq_onnx.passes.attn_smooth as A
-    orig = A._set_w_io
-    A._set_w_io = lambda c, site, w: orig(c, site, w[:, ::-1] if site.role == "qkv" else w)  # a wrong layout
+    orig = A.set_w_in_out
+    A.set_w_in_out = lambda c, site, w: orig(c, site, w[:, ::-1] if site.role == "qkv" else w)  # a wrong layout
     try:
         res = AttnSmooth()(ctx)
     finally:
-        A._set_w_io = orig
+        A.set_w_in_out = orig
     assert not res.modified and "not timm's" in res.summary
     for k, v in w_before.items():
         np.testing.assert_array_equal(ctx.weight(k), v)

@@ -25,7 +25,7 @@ from ..calibrate import TensorStats, session
 from ..plan import Context
 from ..quantizers import fake_quant, search_uniform
 from .base import Pass, PassResult
-from .sqb import ROWS, group_error, smoothing_scale
+from .sqb import w_in_out, sample_rows, search_smoothing, set_w_in_out
 from .uniform import search_sample, skipped
 
 MAX_IMAGES = 8  # attention tensors of this many calibration images score the Q/K choice
@@ -50,12 +50,7 @@ def _rescaled(st: TensorStats, sample: np.ndarray) -> TensorStats:
 
 
 def _w_io(ctx: Context, site) -> np.ndarray:
-    w = ctx.weight(site.weight)
-    return w if site.w_in_axis == 0 else w.T
-
-
-def _set_w_io(ctx: Context, site, w_io: np.ndarray) -> None:
-    ctx.set_initializer(site.weight, (w_io if site.w_in_axis == 0 else w_io.T).astype(np.float32))
+    return w_in_out(ctx.weight(site.weight), site)
 
 
 class AttnSmooth(Pass):
@@ -83,7 +78,7 @@ class AttnSmooth(Pass):
                 continue
             w = _w_io(ctx, lin)
             if qk is not None and not skipped(ctx, qk):
-                r = self._qk(ctx, lin, qk, w, backup, new_stats, save)
+                r = self._qk(ctx, lin, qk, w, new_stats, save)
                 if r:
                     report[qk.name] = r
                     n_qk += 1
@@ -108,7 +103,7 @@ class AttnSmooth(Pass):
         ctx.report["attn_smooth"] = report
         return PassResult(ctx, True, f"Q/K smoothed in {n_qk} blocks, V/proj shifted and smoothed in {n_v}")
 
-    def _qk(self, ctx, lin, qk, w, backup, new_stats, save) -> dict | None:
+    def _qk(self, ctx, lin, qk, w, new_stats, save) -> dict | None:
         sq, sk = (ctx.calib.stats[i.tensor] for i in qk.inputs)
         q, k = sq.sample, sk.sample
         if q is None or k is None or q.ndim != 4 or k.ndim != 4 or q.shape[1] != k.shape[1] \
@@ -128,7 +123,7 @@ class AttnSmooth(Pass):
         col = np.ones(3 * c, np.float32)
         col[:c], col[c:2 * c] = 1.0 / s.reshape(-1), s.reshape(-1)
         save(lin.weight)
-        _set_w_io(ctx, lin, w * col[None, :])
+        set_w_in_out(ctx, lin, w * col[None, :])
         save(lin.bias)
         ctx.set_initializer(lin.bias, (ctx.weight(lin.bias) * col).astype(np.float32))
         new_stats[sq.name] = _rescaled(sq, q / s[None, :, None, :])
@@ -145,20 +140,8 @@ class AttnSmooth(Pass):
         if x is None or sx.ch_min is None or v is None or v.ndim != 4 or v.shape[1] * v.shape[3] != c \
                 or w.shape[1] != 3 * c:
             return None
-        xs = x[np.sort(rng.choice(len(x), min(ROWS, len(x)), replace=False))]
-        ys = [xs @ wp]
-        w_absmax = np.abs(wp).max(axis=1)
-        zero, one = np.zeros(c, np.float32), np.ones(c, np.float32)
-        err0 = group_error(xs, [wp], ys, zero, one, cfg.wbits, cfg.abits)
-        best = (err0, None, None, "none", 0.0)
-        for shift in ("mean", "midrange"):
-            mu = (sx.ch_mean if shift == "mean" else (sx.ch_min + sx.ch_max) / 2).astype(np.float32)
-            y_absmax = np.maximum(np.abs(sx.ch_max - mu), np.abs(sx.ch_min - mu))
-            for a in cfg.sqb_alphas:
-                s = smoothing_scale(y_absmax, w_absmax, a)
-                e = group_error(xs, [wp], ys, mu, s, cfg.wbits, cfg.abits)
-                if e < best[0]:
-                    best = (e, mu, s, shift, a)
+        err0, best = search_smoothing(sx, sample_rows(x, rng), [wp], cfg.sqb_alphas, ("mean", "midrange"),
+                                      cfg.wbits, cfg.abits)
         if best[1] is None:
             return None
         e, mu, s, shift, a = best
@@ -166,7 +149,7 @@ class AttnSmooth(Pass):
         save(lin.weight)
         w2 = w.copy()
         w2[:, 2 * c:] = w[:, 2 * c:] / s[None, :]
-        _set_w_io(ctx, lin, w2)
+        set_w_in_out(ctx, lin, w2)
         save(lin.bias)
         b = ctx.weight(lin.bias).copy()
         b[2 * c:] = (b[2 * c:] - mu) / s
@@ -174,7 +157,7 @@ class AttnSmooth(Pass):
         save(proj.weight)
         save(proj.bias)
         ctx.set_initializer(proj.bias, (ctx.weight(proj.bias) + mu @ wp).astype(np.float32))
-        _set_w_io(ctx, proj, wp * s[:, None])
+        set_w_in_out(ctx, proj, wp * s[:, None])
         new_stats[sx.name] = sx.transformed(mu, s)
         new_stats[sv.name] = _rescaled(sv, (v - mu.reshape(1, heads, 1, d)) / s.reshape(1, heads, 1, d))
         return {"kind": "v-proj", "alpha": a, "shift": shift, "err_before": round(err0, 5), "err_after": round(e, 5)}

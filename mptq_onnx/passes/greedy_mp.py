@@ -40,15 +40,14 @@ def cost_table(measured: dict[int, float], cands: list[int]) -> dict[int, float]
     if not lows:  # a single candidate: nothing to move
         return {b: 0.0 for b in cands}
     b0 = lows[-1]  # the higher of the measured widths
-    c0 = max(measured[b0], 1e-9)
+    kept = {b0: max(measured[b0], 1e-9)}  # the measurements, made monotone
+    r = 4.0
     if len(lows) > 1:
         b1 = lows[0]
-        c1 = max(measured[b1], c0)
-        r = float(np.clip((c1 / c0) ** (1.0 / (b0 - b1)), *RATIO_RANGE))
-    else:
-        r = 4.0
-    out = {b: c0 * r ** (b0 - b) for b in cands}
-    out.update({b0: c0} if len(lows) == 1 else {b0: c0, b1: c1})  # measured, made monotone
+        kept[b1] = max(measured[b1], kept[b0])
+        r = float(np.clip((kept[b1] / kept[b0]) ** (1.0 / (b0 - b1)), *RATIO_RANGE))
+    out = {b: kept[b0] * r ** (b0 - b) for b in cands}
+    out.update(kept)
     out[max(cands)] = 0.0
     return out
 

@@ -168,9 +168,8 @@ class SiteOptimizer:
 
     def act_kinds(self, site, i: int) -> list[str]:
         """Every kind `acts` may return for input i at any bit-width (region covers uniform)."""
-        kind = site.inputs[i].kind
-        if kind == "post_gelu" and site.op != "act_matmul" and self.data(site) is not None \
-                and self.data(site).x is not None:
+        kind, d = site.inputs[i].kind, self.data(site)
+        if kind == "post_gelu" and site.op != "act_matmul" and d is not None and d.x is not None:
             return ["region"]
         if kind == "post_softmax" and site.op == "act_matmul":
             return ["log2", "uniform"]

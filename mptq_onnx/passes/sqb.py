@@ -22,9 +22,19 @@ from .uniform import search_sample
 ROWS = 1024
 
 
-def _w_in_out(w: np.ndarray, site) -> np.ndarray:
+def w_in_out(w: np.ndarray, site) -> np.ndarray:
     """The weight as [in, out]."""
     return w if site.w_in_axis == 0 else w.T
+
+
+def set_w_in_out(ctx: Context, site, w_io: np.ndarray) -> None:
+    """Store a Linear site's weight given as [in, out], in the layout the graph holds it."""
+    ctx.set_initializer(site.weight, (w_io if site.w_in_axis == 0 else w_io.T).astype(np.float32))
+
+
+def sample_rows(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """At most ROWS calibration rows, in their original order, for the α/shift search."""
+    return x[np.sort(rng.choice(len(x), min(ROWS, len(x)), replace=False))]
 
 
 QUICK_VALUES = 1 << 15  # values the quick clipping search looks at (the range comes from all of x)
@@ -54,6 +64,27 @@ def smoothing_scale(y_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) ->
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
+def search_smoothing(st, xs: np.ndarray, ws: list[np.ndarray], alphas, shifts, wbits: int, abits: int):
+    """Search shift × α for rows `xs` (of the tensor with stats `st`) feeding weights `ws` ([in, out]).
+
+    Returns (error without rescaling, (error, μ, s, shift, α)); μ is None when nothing beat it.
+    """
+    ys = [xs @ w for w in ws]
+    w_absmax = np.max(np.concatenate([np.abs(w) for w in ws], axis=1), axis=1)
+    err0 = group_error(xs, ws, ys, np.zeros_like(st.ch_mean), np.ones_like(st.ch_mean), wbits, abits)
+    best = (err0, None, None, "none", 0.0)
+    for shift in shifts:
+        mu = st.ch_mean if shift == "mean" else (st.ch_min + st.ch_max) / 2
+        mu = mu.astype(np.float32)
+        y_absmax = np.maximum(np.abs(st.ch_max - mu), np.abs(st.ch_min - mu))
+        for a in alphas:
+            s = smoothing_scale(y_absmax, w_absmax, a)
+            e = group_error(xs, ws, ys, mu, s, wbits, abits)
+            if e < best[0]:
+                best = (e, mu, s, shift, a)
+    return err0, best
+
+
 def fold(ctx: Context, group, mu: np.ndarray, s: np.ndarray) -> None:
     """Apply the rescaling exactly to the graph's initializers (adds a bias where a Linear had none)."""
     info = ctx.info
@@ -74,10 +105,9 @@ def fold(ctx: Context, group, mu: np.ndarray, s: np.ndarray) -> None:
     for sname in group.sites:
         site = info.site(sname)
         w = ctx.weight(site.weight)
-        wio = _w_in_out(w, site)
+        wio = w_in_out(w, site)
         extra = (mu @ wio).astype(np.float32)
-        new_w = wio * s[:, None]
-        ctx.set_initializer(site.weight, (new_w if site.w_in_axis == 0 else new_w.T).astype(np.float32))
+        set_w_in_out(ctx, site, wio * s[:, None])
         if site.bias:
             ctx.set_initializer(site.bias, (ctx.weight(site.bias) + extra).astype(np.float32))
         else:
@@ -126,22 +156,8 @@ class SmoothQuantBias(Pass):
             x = st.sample
             if x is None or st.ch_min is None:
                 continue
-            xs = x[np.sort(rng.choice(len(x), min(ROWS, len(x)), replace=False))]
-            ws = [_w_in_out(ctx.weight(s.weight), s) for s in sites]
-            ys = [xs @ w for w in ws]
-            w_absmax = np.max(np.concatenate([np.abs(w) for w in ws], axis=1), axis=1)
-            err0 = group_error(xs, ws, ys, np.zeros_like(st.ch_mean), np.ones_like(st.ch_mean),
-                               cfg.wbits, cfg.abits)
-            best = (err0, None, None, "none", 0.0)
-            for shift in self.shifts:
-                mu = st.ch_mean if shift == "mean" else (st.ch_min + st.ch_max) / 2
-                mu = mu.astype(np.float32)
-                y_absmax = np.maximum(np.abs(st.ch_max - mu), np.abs(st.ch_min - mu))
-                for a in alphas:
-                    s = smoothing_scale(y_absmax, w_absmax, a)
-                    e = group_error(xs, ws, ys, mu, s, cfg.wbits, cfg.abits)
-                    if e < best[0]:
-                        best = (e, mu, s, shift, a)
+            ws = [w_in_out(ctx.weight(s.weight), s) for s in sites]
+            err0, best = search_smoothing(st, sample_rows(x, rng), ws, alphas, self.shifts, cfg.wbits, cfg.abits)
             if best[1] is None:
                 continue
             _, mu, s, shift, a = best
