@@ -1,0 +1,92 @@
+"""How far quantized models are from float on one image folder: KL of logits, top-1 agreement, top-1.
+
+For comparing settings on calibration data (tin_calib), not on the images a README reports:
+
+    python tools/fidelity.py --card deit_tiny_tin --configs mptq-paper:4 mptq:4 \
+        mptq:4:a8=patch_embed mptq:4:skip=qk
+
+Config syntax: RECIPE:BITS (W=A=BITS), then optional modifiers, each after a colon:
+  skip=ROLE_OR_SITE   leave that site (or every site of that role) in float
+  w8=ROLE / a8=ROLE   after the recipe ran, put that role's weights / activations back to 8 bits
+                      (OPT-m's own 8-bit quantizers; recipes that ran opt-m only)
+Calibrates on 128 images of ../shared/data/tin_calib; evaluates on all of --data (default tin_calib).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mptq_onnx.calibrate import session  # noqa: E402
+from mptq_onnx.convert import recipe_passes  # noqa: E402
+from mptq_onnx.data import ImageFolder, iter_batches, load_calibration  # noqa: E402
+from mptq_onnx.modelio import get_preprocess, load_model  # noqa: E402
+from mptq_onnx.passes.base import PassManager  # noqa: E402
+from mptq_onnx.passes.qdq import write_plan  # noqa: E402
+from mptq_onnx.plan import Context, QuantConfig  # noqa: E402
+from mptq_onnx.simulate import kl_divergence  # noqa: E402
+
+
+def quantized(float_path: Path, images: np.ndarray, spec: str):
+    recipe, bits, *mods = spec.split(":")
+    opts = [m.split("=", 1) for m in mods]
+    skip = tuple(v for k, v in opts if k == "skip")
+    cfg = QuantConfig(recipe=recipe, wbits=int(bits), abits=int(bits), progress=False, skip_sites=skip)
+    ctx = Context(load_model(float_path), cfg, images)
+    PassManager(recipe_passes(cfg)[:-1], verbose=False)(ctx)  # all but the QDQ writer
+    for k, role in opts:
+        if k not in ("w8", "a8"):
+            continue
+        if ctx.site_optimizer is None:
+            raise SystemExit(f"{spec}: {k}= needs a recipe that runs opt-m")
+        for p in ctx.plan.values():
+            if p.site.role == role or p.site.name == role:
+                if k == "w8" and p.site.weight:
+                    p.weight = ctx.site_optimizer.weight(p.site, 8)
+                elif k == "a8":
+                    p.acts = ctx.site_optimizer.acts(p.site, 8)
+    model, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    return model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--card", required=True)
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--data", default=None, help="image folder (default ../shared/data/tin_calib)")
+    ap.add_argument("--work", default=str(REPO / "runs"))
+    a = ap.parse_args(argv)
+    shared = Path(a.shared)
+    float_path = Path(a.work) / f"{a.card}.onnx"
+    if not float_path.exists():
+        from mptq_onnx.export import export_model
+        float_path.parent.mkdir(parents=True, exist_ok=True)
+        export_model(str(shared / "models" / f"{a.card}.json"), float_path)
+    pp = get_preprocess(load_model(float_path))
+    calib = load_calibration(shared / "data" / "tin_calib", pp, 128, progress=False)
+    ds = ImageFolder(a.data or shared / "data" / "tin_calib", pp)
+    xs, ys = zip(*iter_batches(ds, 64))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+
+    def logits(model):
+        s = session(model)
+        name = s.get_inputs()[0].name
+        return np.concatenate([s.run(None, {name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
+
+    ref = logits(load_model(float_path))
+    print(f"{a.card} on {len(x)} images of {ds.root.name}: float top-1 {(ref.argmax(1) == y).mean():.4f}")
+    for spec in a.configs:
+        z = logits(quantized(float_path, calib, spec))
+        print(f"{spec:32s} KL {kl_divergence(ref, z):.4f}  agree {(z.argmax(1) == ref.argmax(1)).mean():.4f}  "
+              f"top-1 {(z.argmax(1) == y).mean():.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
