@@ -18,6 +18,10 @@ def _bits(s: str) -> int:
         raise argparse.ArgumentTypeError(f"bit-width must be an integer, got {s!r}") from None
 
 
+def _image_bits(s: str) -> int | None:
+    return None if s == "abits" else _bits(s)
+
+
 def cmd_export(a) -> int:
     from .export import export_model
     export_model(a.name, a.output, pretrained=a.pretrained, checkpoint=a.checkpoint, cards_dir=a.cards_dir,
@@ -62,7 +66,8 @@ def _config(a):
     from .plan import QuantConfig
     cfg = QuantConfig(wbits=a.wbits, abits=a.abits, recipe=a.recipe, calib_size=a.calib_size,
                       act_method=a.act_method, weight_method=a.weight_method, target_bits=a.target_bits,
-                      seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()))
+                      seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
+                      image_bits=a.image_bits)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -131,12 +136,15 @@ def cmd_demo(a) -> int:
 
 
 def _add_quant_args(p):
-    p.add_argument("--recipe", default="uniform", help="uniform | mptq | mptq-paper | sqb | optm (default: uniform)")
+    p.add_argument("--recipe", default="uniform", help="uniform | mptq | mptq-attn | sqb | optm (default: uniform)")
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits, 2-8 (default 8)")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
     p.add_argument("--target-bits", type=float, default=None,
                    help="Greedy MP: average bit-width for weights and activations (e.g. 5)")
     p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None, help="Greedy MP bit-widths (8 6 5 4 3)")
+    p.add_argument("--image-bits", type=_image_bits, default=8,
+                   help="bits of the image input of the first layer (default 8: pixels are 8-bit data, and "
+                        "RepQ-ViT/I&S-ViT also keep it at 8); 'abits' quantizes it like every activation")
     p.add_argument("--calib-size", type=int, default=128, help="calibration images (default 128)")
     p.add_argument("--act-method", default="mse", help="uniform recipe: minmax | mse")
     p.add_argument("--weight-method", default="mse", help="uniform recipe: minmax | mse")

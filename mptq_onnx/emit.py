@@ -156,18 +156,21 @@ class Editor:
         return self.node(at, "Add", [a, b], base + "_region"), {}
 
     def _log2(self, at, x, q, base, feed):
-        # standard float ops: e = clip(rint(-log2(x / s)), 0, qmax); x̂ = s·2^-e, the top code is 0
+        # standard float ops: e = clip(rint(-k·log2(x / s)), 0, qmax); x̂ = s·2^(-e/k), the top code is 0
+        k = q.steps_per_octave
         p = {"scale": self.const(base + "_s", np.asarray(q.scale, np.float32), feed),
-             "hi": self.const(base + "_hi", np.float32(q.qmax), feed)}
+             "hi": self.const(base + "_hi", np.float32(q.qmax), feed),
+             "to_code": self.const(base + "_mkoln2", np.float32(-k / LN2), feed),
+             "from_code": self.const(base + "_m1ok", np.float32(-1.0 / k), feed)}
         zero = self.const(base + "_zero", np.float32(0))
         t = self.node(at, "Div", [x, p["scale"]], base + "_div")
         t = self.node(at, "Max", [t, self.const(base + "_tiny", np.float32(1e-30))], base + "_pos")
         t = self.node(at, "Log", [t], base + "_log")
-        t = self.node(at, "Mul", [t, self.const(base + "_m1oln2", np.float32(-1.0 / LN2))], base + "_nlog2")
+        t = self.node(at, "Mul", [t, p["to_code"]], base + "_nlog2")
         e = self.node(at, "Round", [t], base + "_rnd")
         e = self.node(at, "Clip", [e, zero, p["hi"]], base + "_code")
         v = self.node(at, "Pow", [self.const(base + "_two", np.float32(2)),
-                                  self.node(at, "Neg", [e], base + "_negcode")], base + "_pow")
+                                  self.node(at, "Mul", [e, p["from_code"]], base + "_negcode")], base + "_pow")
         v = self.node(at, "Mul", [v, p["scale"]], base + "_val")
         top = self.node(at, "GreaterOrEqual", [e, p["hi"]], base + "_istop")
         return self.node(at, "Where", [top, zero, v], base + "_log2q"), p

@@ -37,6 +37,19 @@ class QuantConfig:
     seed: int = 0
     progress: bool = True
     skip_sites: tuple[str, ...] = ()  # site names (or roles) left in float
+    # The image input of the first layer is 8-bit pixel data; RepQ-ViT and I&S-ViT keep it at
+    # 8 bits in their W4A4 too. None quantizes it with --abits like every other activation.
+    image_bits: int | None = 8
+
+    def held_abits(self, site) -> int | None:
+        """The activation bits a site is held at whatever --abits or Greedy MP say (the image input)."""
+        if self.image_bits is not None and any(a.kind == "image" for a in site.inputs):
+            return self.image_bits
+        return None
+
+    def site_abits(self, site) -> int:
+        held = self.held_abits(site)
+        return self.abits if held is None else held
 
     def validate(self) -> None:
         lo, hi = BITS_RANGE
@@ -44,6 +57,8 @@ class QuantConfig:
             b = getattr(self, name)
             if not isinstance(b, int) or not lo <= b <= hi:
                 raise MptqError(f"--{name} must be an integer from {lo} to {hi}, got {b}")
+        if self.image_bits is not None and not (isinstance(self.image_bits, int) and lo <= self.image_bits <= hi):
+            raise MptqError(f"--image-bits must be an integer from {lo} to {hi}, got {self.image_bits}")
         for b in self.mp_candidates:
             if not lo <= b <= hi:
                 raise MptqError(f"bit-width candidates must lie in {lo}..{hi}, got {b}")

@@ -5,7 +5,9 @@ Kinds:
 - ``uniform``: q = clip(rint(x / s) + z, qmin, qmax); x̂ = (q - z) s. Per-tensor or per-channel.
 - ``region``: split at zero, separate scales for the negative and the positive region (OPT-m's
   post-GELU quantizer). Codes -n_neg..qpos, n_neg + qpos + 1 = 2^bits.
-- ``log2``: x̂ = s 2^-q, q = clip(rint(-log2(x / s)), 0, 2^bits - 2), the top code meaning 0.
+- ``log2``: x̂ = s 2^(-q/k), q = clip(rint(-k log2(x / s)), 0, 2^bits - 2), the top code meaning 0;
+  k = `steps_per_octave` (1: log2; 2: log√2, RepQ-ViT's post-Softmax quantizer, which spends its
+  codes on the large probabilities where a 2x step is coarsest).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Quantizer:
     axis: int | None = None           # per-channel axis of the tensor it quantizes
     neg_scale: float = 0.0            # region only
     method: str = ""
+    steps_per_octave: int = 1         # log2 only: 1 = base 2, 2 = base √2
 
     def fake(self, x: np.ndarray) -> np.ndarray:
         return fake_quant(x, self)
@@ -43,7 +46,8 @@ class Quantizer:
         extra = f" neg_s={self.neg_scale:.3g}" if self.kind == "region" else ""
         zp = np.atleast_1d(self.zero_point)
         z = f" zp={int(zp[0])}" if zp.size == 1 and self.kind == "uniform" else ""
-        return f"{self.kind}{self.bits} s={sc}{z}{extra}"
+        kind = "log√2" if self.kind == "log2" and self.steps_per_octave == 2 else self.kind
+        return f"{kind}{self.bits} s={sc}{z}{extra}"
 
     def to_json(self) -> dict:
         d = {"kind": self.kind, "bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "method": self.method}
@@ -56,6 +60,8 @@ class Quantizer:
             d["scale_range"] = [float(s.min()), float(s.max())]
         if self.kind == "region":
             d["neg_scale"] = float(self.neg_scale)
+        if self.kind == "log2":
+            d["steps_per_octave"] = self.steps_per_octave
         return d
 
 
@@ -99,9 +105,10 @@ def fake_quant(x: np.ndarray, q: Quantizer) -> np.ndarray:
         pos += neg
         return pos
     if q.kind == "log2":
+        k = q.steps_per_octave
         with np.errstate(divide="ignore"):
-            e = np.clip(np.rint(-np.log2(np.maximum(x, 0) / q.scale)), 0, q.qmax)
-        return np.where(e >= q.qmax, F32(0), q.scale * np.exp2(-e)).astype(F32)
+            e = np.clip(np.rint(-k * np.log2(np.maximum(x, 0) / q.scale)), 0, q.qmax)
+        return np.where(e >= q.qmax, F32(0), q.scale * np.exp2(-e / k)).astype(F32)
     raise ValueError(f"unknown quantizer kind {q.kind!r}")
 
 
@@ -142,9 +149,9 @@ def region_quantizer(neg_min: float, pos_max: float, bits: int, neg_codes: int, 
                      neg_scale=float(s_neg), method=method)
 
 
-def log2_quantizer(max_val: float, bits: int, method: str = "log2") -> Quantizer:
+def log2_quantizer(max_val: float, bits: int, method: str = "log2", steps_per_octave: int = 1) -> Quantizer:
     return Quantizer("log2", bits, np.array(max(max_val, 1e-8), F32), np.array(0, np.int32), 0,
-                     (1 << bits) - 1, method=method)
+                     (1 << bits) - 1, method=method, steps_per_octave=steps_per_octave)
 
 
 # --- searches -----------------------------------------------------------------------------------

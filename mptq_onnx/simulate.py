@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .calibrate import session
-from .emit import Editor
+from .emit import LN2, Editor
 from .quantizers import Quantizer
 
 
@@ -108,6 +108,10 @@ class Simulator:
                 v = np.float32(q.qmax)
             elif k == "neg_scale":
                 v = np.float32(q.neg_scale)
+            elif k == "to_code":
+                v = np.float32(-q.steps_per_octave / LN2)
+            elif k == "from_code":
+                v = np.float32(-1.0 / q.steps_per_octave)
             else:
                 raise KeyError(k)
             out[n] = np.asarray(v, np.float32)

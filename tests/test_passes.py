@@ -172,6 +172,31 @@ def test_greedy_mp_with_optm_kinds(model, calib):
     assert {p.acts[0].kind for p in ctx.plan.values() if p.site.role == "fc2"} <= {"region", "uniform"}
 
 
+def test_image_input_held_at_image_bits(model, calib):
+    ctx = _ctx(model, calib, wbits=4, abits=4)
+    UniformParams()(ctx)
+    pe = ctx.plan["patch_embed.proj"]
+    assert pe.a_bits == 8 and pe.acts[0].bits == 8 and pe.w_bits == 4
+    assert {p.a_bits for n, p in ctx.plan.items() if n != "patch_embed.proj"} == {4}
+    ctx = _ctx(model, calib, wbits=4, abits=4, image_bits=None)
+    UniformParams()(ctx)
+    assert ctx.plan["patch_embed.proj"].acts[0].bits == 4
+    with pytest.raises(MptqError, match="image-bits"):
+        QuantConfig(image_bits=12).validate()
+
+
+def test_greedy_mp_never_moves_the_image_input(model, calib):
+    ctx = _ctx(model, calib, wbits=8, abits=8, target_bits=4.5, mp_candidates=(8, 4, 3), mp_images=4,
+               image_bits=6)
+    UniformParams()(ctx)
+    GreedyMP()(ctx)
+    assert ctx.plan["patch_embed.proj"].a_bits == 6
+    assert ctx.plan["patch_embed.proj"].acts[0].bits == 6
+    assert all(s["site"] != "patch_embed.proj" or s["type"] == "w" for s in ctx.report["greedy_mp"]["path"])
+    wb, ab = average_bits(ctx.plan, ctx.report["act_sizes"])
+    assert ab <= 4.5 + 1e-6  # the held 6 bits count in the average
+
+
 def test_cost_table_extrapolates_from_low_bits():
     t = cost_table({3: 0.8, 4: 0.2}, [8, 6, 5, 4, 3])
     assert t[8] == 0 and t[4] == 0.2 and t[3] == 0.8

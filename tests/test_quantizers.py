@@ -59,13 +59,18 @@ def test_region_matches_reference(mode, bits, neg):
 
 
 @pytest.mark.parametrize("mode", ["qdq", "sim"])
-def test_log2_matches_reference(mode):
+@pytest.mark.parametrize("k", [1, 2])
+def test_log2_matches_reference(mode, k):
     x = RNG.dirichlet(np.ones(65), size=40).astype(np.float32)
-    q = log2_quantizer(1.0, 4)
+    q = log2_quantizer(1.0, 4, steps_per_octave=k)
     y, _ = _run_act(q, x, mode)
-    np.testing.assert_allclose(y, fake_quant(x, q), atol=1e-7)
-    vals = set(np.unique(y).tolist())
-    assert vals <= {0.0} | {2.0 ** -k for k in range(15)}
+    np.testing.assert_allclose(y, fake_quant(x, q), rtol=1e-6, atol=1e-9)
+    # the levels: 0 and 2^(-c/k) for the 15 codes c = 0..14
+    levels = np.array([0.0] + [2.0 ** (-c / k) for c in range(15)])
+    assert np.abs(y.reshape(-1, 1) - levels).min(axis=1).max() < 1e-6
+    # rounding in the log domain: each value goes to the nearest level in log_2 distance
+    x1 = np.float32(2.0 ** (-3.2 / k))
+    assert fake_quant(np.array([x1]), q)[0] == pytest.approx(2.0 ** (-3 / k), rel=1e-6)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])

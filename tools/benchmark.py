@@ -5,7 +5,8 @@
 
 Calibrates on ../shared/data/tin_calib (128 images unless --calib-size), evaluates on
 ../shared/data/tin_val_dev (all 5,050 images unless --limit). Config syntax:
-  float | ort:BITS:MinMax|Percentile | RECIPE:BITS (W=A=BITS) | RECIPE-mp:TARGET (Greedy MP)
+  float | ort:BITS:MinMax|Percentile | RECIPE:BITS (W=A=BITS) | RECIPE-mp:TARGET (Greedy MP),
+  then optionally :img=BITS|abits for the image input's bits (default 8, see QuantConfig.image_bits)
 """
 from __future__ import annotations
 
@@ -62,10 +63,13 @@ def main(argv=None) -> int:
             secs = ort_quantize_static(float_path, images, qpath, bits, bits, method)
         else:
             recipe = parts[0]
+            opts = dict(m.split("=", 1) for m in parts[2:])
+            img = opts.get("img", "8")
+            kw = dict(progress=False, image_bits=None if img == "abits" else int(img))
             if recipe.endswith("-mp"):
-                cfg = QuantConfig(recipe=recipe[:-3], target_bits=float(parts[1]), progress=False)
+                cfg = QuantConfig(recipe=recipe[:-3], target_bits=float(parts[1]), **kw)
             else:
-                cfg = QuantConfig(recipe=recipe, wbits=int(parts[1]), abits=int(parts[1]), progress=False)
+                cfg = QuantConfig(recipe=recipe, wbits=int(parts[1]), abits=int(parts[1]), **kw)
             ctx = convert(load_model(float_path), images, cfg, verbose=True)
             save_model(ctx.model, qpath, force=True)
             secs = time.perf_counter() - t

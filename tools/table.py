@@ -10,10 +10,11 @@ NAMES = {"float": "float32", "ort:8:MinMax": "onnxruntime quantize_static W8A8 M
 def label(c: str) -> str:
     if c in NAMES:
         return NAMES[c]
-    recipe, b = c.split(":")
+    recipe, b, *mods = c.split(":")
+    img = f" (image input at A{b})" if "img=abits" in mods else ""
     if recipe.endswith("-mp"):
-        return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits"
-    return f"mptq-onnx {recipe} W{b}A{b}"
+        return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits{img}"
+    return f"mptq-onnx {recipe} W{b}A{b}{img}"
 
 
 def order(r: dict):
@@ -24,8 +25,9 @@ def order(r: dict):
     parts = c.split(":")
     if parts[0] == "ort":
         return (1, -int(parts[1]), parts[2])
-    rank = {"uniform": 0, "sqb": 1, "optm": 2, "mptq-paper": 3, "mptq": 4}
-    return (2, -float(parts[1]), f"{int(parts[0].endswith('-mp'))}{rank.get(parts[0], 5)}{parts[0]}")
+    rank = {"uniform": 0, "sqb": 1, "optm": 2, "mptq": 3, "mptq-attn": 4}
+    return (2, -float(parts[1]), f"{int(parts[0].endswith('-mp'))}{rank.get(parts[0], 5)}{parts[0]}",
+            ":".join(parts[2:]))
 
 
 def main(paths):

@@ -98,6 +98,11 @@ class GreedyMP(Pass):
                 share[(p.site.name, "w")] = p.site.n_params / w_total
             share[(p.site.name, "a")] = a_size[p.site.name] / a_total
 
+        # activations held at a set width (the image input) count in the average but never move
+        fixed = {(p.site.name, "a"): cfg.held_abits(p.site) for p in plans if cfg.held_abits(p.site)}
+        state = {(p.site.name, t): fixed.get((p.site.name, t), cands[0])
+                 for p in plans for t in ("w", "a") if (p.site.name, t) in share}
+
         # one slot per quantizer; kinds are every kind the candidates use
         slots, init = [], {}
         for p in plans:
@@ -108,7 +113,7 @@ class GreedyMP(Pass):
             for i, a in enumerate(s.inputs):
                 kinds = prov.act_kinds(s, i)
                 slots.append(Slot(s.name, f"a{i}", s.node, a.tensor, -1, kinds))
-                init[(s.name, f"a{i}")] = prov.acts(s, cands[0])[i]
+                init[(s.name, f"a{i}")] = prov.acts(s, state[(s.name, "a")])[i]
         node_inputs = {n.name: list(n.input) for n in ctx.model.graph.node}
         for sl in slots:
             sl.input_index = node_inputs[sl.node].index(sl.tensor)
@@ -126,14 +131,14 @@ class GreedyMP(Pass):
         imgs = ctx.calib_images[: cfg.mp_images]
         ref = ctx.calib.logits[: cfg.mp_images]
         score = lambda feeds: kl_divergence(ref, sim.run(imgs, feeds))  # noqa: E731
-        state = {(p.site.name, t): cands[0] for p in plans for t in ("w", "a") if (p.site.name, t) in share}
         feeds: dict[str, np.ndarray] = {}
         sites = {p.site.name: p.site for p in plans}
         kl0 = score(feeds)
 
         # cost of lowering each quantizer alone, from the all-high configuration
-        measured: dict[tuple[str, str], dict[int, float]] = {k: {} for k in state}
-        moves = [(n, t, b) for (n, t) in state for b in cands[-2:] if b != cands[0]]
+        movable = [k for k in state if k not in fixed]
+        measured: dict[tuple[str, str], dict[int, float]] = {k: {} for k in movable}
+        moves = [(n, t, b) for (n, t) in movable for b in cands[-2:] if b != cands[0]]
         for n, t, b in tqdm(moves, desc="greedy-mp: sensitivity", disable=not cfg.progress, leave=False):
             measured[(n, t)][b] = score(move_feeds(sites[n], t, b)) - kl0
         table = {}
@@ -153,6 +158,8 @@ class GreedyMP(Pass):
         while wb > target + 1e-9 or ab > target + 1e-9:
             options = []
             for (n, t), b in state.items():
+                if (n, t) in fixed:
+                    continue
                 if (t == "w" and wb <= target + 1e-9) or (t == "a" and ab <= target + 1e-9):
                     continue
                 i = cands.index(b)

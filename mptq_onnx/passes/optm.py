@@ -7,7 +7,7 @@
   each with its own scale; the number of negative codes and the ratio m = s_pos / s_neg are
   searched, and plain uniform is kept where it is better.
 - Attention MatMuls: each operand's quantizer minimises the error of the product with the other
-  operand in float; post-Softmax values choose between uniform and log2 by that error.
+  operand in float; post-Softmax values choose between uniform, log2 and log√2 by that error.
 Activation searches use float weights, so the quantizer of each (site, bit-width) is independent
 of the others' bit-widths and Greedy MP can cache them.
 """
@@ -20,6 +20,7 @@ from ..plan import Context, SitePlan
 from ..quantizers import (Quantizer, fake_quant, log2_quantizer, region_quantizer, search_uniform,
                           search_weight)
 from .base import Pass, PassResult
+from .sqb import w_in_out
 from .uniform import skipped
 
 ROWS = 768
@@ -55,7 +56,7 @@ class SiteData:
             self.w = w.reshape(w.shape[0], -1).T
         else:
             rows = st.sample
-            self.w = w if site.w_in_axis == 0 else w.T
+            self.w = w_in_out(w, site)
         self.x_all = rows
         idx = np.sort(rng.choice(len(rows), min(ROWS, len(rows)), replace=False))
         self.x = rows[idx]
@@ -134,11 +135,13 @@ def opt_matmul_acts(ctx: Context, site, bits: int) -> list[Quantizer]:
         best = search_uniform(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
         if inp.kind == "post_softmax":
             be = err(fake_quant(x, best))
-            for r in (1.0, 0.75, 0.5, 0.35, 0.25):
-                q = log2_quantizer(st.max * r, bits, method="opt-m-log2")
-                e = err(fake_quant(x, q))
-                if e < be:
-                    best, be = q, e
+            for k in (1, 2):  # log2, log√2
+                for r in (1.0, 0.75, 0.5, 0.35, 0.25):
+                    q = log2_quantizer(st.max * r, bits, method=f"opt-m-log{'√' if k == 2 else ''}2",
+                                       steps_per_octave=k)
+                    e = err(fake_quant(x, q))
+                    if e < be:
+                        best, be = q, e
         qs.append(best)
     return qs
 
@@ -201,7 +204,7 @@ class OptM(Pass):
         for site in ctx.info.sites:
             if skipped(ctx, site):
                 continue
-            p = SitePlan(site, cfg.wbits if site.weight else None, cfg.abits)
+            p = SitePlan(site, cfg.wbits if site.weight else None, cfg.site_abits(site))
             if site.weight:
                 p.weight = opt.weight(site, p.w_bits)
             p.acts = opt.acts(site, p.a_bits)

@@ -52,7 +52,7 @@ class UniformParams(Pass):
         for site in ctx.info.sites:
             if skipped(ctx, site):
                 continue
-            p = SitePlan(site, cfg.wbits if site.weight else None, cfg.abits)
+            p = SitePlan(site, cfg.wbits if site.weight else None, cfg.site_abits(site))
             if site.weight:
                 p.weight = weight_quantizer(ctx, site, p.w_bits)
             p.acts = [act_quantizer(ctx, a.tensor, p.a_bits) for a in site.inputs]
