@@ -67,7 +67,7 @@ def _config(a):
     cfg = QuantConfig(wbits=a.wbits, abits=a.abits, recipe=a.recipe, calib_size=a.calib_size,
                       act_method=a.act_method, weight_method=a.weight_method, target_bits=a.target_bits,
                       seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
-                      image_bits=a.image_bits)
+                      image_bits=a.image_bits, mp_images=a.mp_images)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -142,6 +142,8 @@ def _add_quant_args(p):
     p.add_argument("--target-bits", type=float, default=None,
                    help="Greedy MP: average bit-width for weights and activations (e.g. 5)")
     p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None, help="Greedy MP bit-widths (8 6 5 4 3)")
+    p.add_argument("--mp-images", type=int, default=16,
+                   help="calibration images Greedy MP scores configurations on (default 16; time grows with it)")
     p.add_argument("--image-bits", type=_image_bits, default=8,
                    help="bits of the image input of the first layer (default 8: pixels are 8-bit data, and "
                         "RepQ-ViT/I&S-ViT also keep it at 8); 'abits' quantizes it like every activation")

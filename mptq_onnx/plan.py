@@ -64,6 +64,8 @@ class QuantConfig:
                 raise MptqError(f"bit-width candidates must lie in {lo}..{hi}, got {b}")
         if self.target_bits is not None and not lo <= self.target_bits <= hi:
             raise MptqError(f"--target-bits must lie in {lo}..{hi}, got {self.target_bits}")
+        if self.mp_images < 1:
+            raise MptqError(f"--mp-images must be at least 1, got {self.mp_images}")
         if self.calib_size < 1:
             raise MptqError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.act_method not in ("minmax", "mse") or self.weight_method not in ("minmax", "mse"):
