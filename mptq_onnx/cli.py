@@ -19,7 +19,11 @@ def _bits(s: str) -> int:
 
 
 def _image_bits(s: str) -> int | None:
-    return None if s == "abits" else _bits(s)
+    from .plan import parse_image_bits
+    try:
+        return parse_image_bits(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-bits takes a bit-width or 'abits', got {s!r}") from None
 
 
 def cmd_export(a) -> int:
@@ -145,8 +149,8 @@ def _add_quant_args(p):
     p.add_argument("--mp-images", type=int, default=16,
                    help="calibration images Greedy MP scores configurations on (default 16; time grows with it)")
     p.add_argument("--image-bits", type=_image_bits, default=8,
-                   help="bits of the image input of the first layer (default 8: pixels are 8-bit data, and "
-                        "RepQ-ViT/I&S-ViT also keep it at 8); 'abits' quantizes it like every activation")
+                   help="bits of the image input of the first layer (default 8: pixels are 8-bit data; RepQ-ViT "
+                        "quantizes it at 8 bits, I&S-ViT not at all); 'abits' quantizes it like every activation")
     p.add_argument("--calib-size", type=int, default=128, help="calibration images (default 128)")
     p.add_argument("--act-method", default="mse", help="uniform recipe: minmax | mse")
     p.add_argument("--weight-method", default="mse", help="uniform recipe: minmax | mse")

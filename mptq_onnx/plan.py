@@ -19,6 +19,11 @@ from .quantizers import Quantizer
 BITS_RANGE = (2, 8)
 
 
+def parse_image_bits(s: str) -> int | None:
+    """An --image-bits value: a bit-width, or 'abits' (None: follow --abits)."""
+    return None if s == "abits" else int(s)
+
+
 @dataclasses.dataclass
 class QuantConfig:
     wbits: int = 8
@@ -37,8 +42,8 @@ class QuantConfig:
     seed: int = 0
     progress: bool = True
     skip_sites: tuple[str, ...] = ()  # site names (or roles) left in float
-    # The image input of the first layer is 8-bit pixel data; RepQ-ViT and I&S-ViT keep it at
-    # 8 bits in their W4A4 too. None quantizes it with --abits like every other activation.
+    # The image input of the first layer is 8-bit pixel data; in their W4A4, RepQ-ViT quantizes it
+    # at 8 bits and I&S-ViT leaves it as it is. None quantizes it with --abits like the rest.
     image_bits: int | None = 8
 
     def held_abits(self, site) -> int | None:

@@ -6,7 +6,7 @@
 Calibrates on ../shared/data/tin_calib (128 images unless --calib-size), evaluates on
 ../shared/data/tin_val_dev (all 5,050 images unless --limit). Config syntax:
   float | ort:BITS:MinMax|Percentile | RECIPE:BITS (W=A=BITS) | RECIPE-mp:TARGET (Greedy MP),
-  then optionally :img=BITS|abits for the image input's bits (default 8, see QuantConfig.image_bits)
+  then optional modifiers (:img=abits, :skip=head, :mp_images=32; see tools/specs.py)
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.evaluate import evaluate  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model, save_model  # noqa: E402
-from mptq_onnx.plan import QuantConfig  # noqa: E402
+from tools.specs import quant_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,6 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs"))
     ap.add_argument("--out", required=True, help="JSON results (appended per config as they finish)")
     a = ap.parse_args(argv)
+    configs = {}  # parsed before any work, so a typo fails at once and not after an hour
+    for c in a.configs:
+        if c.split(":")[0] not in ("float", "ort"):
+            configs[c], rest = quant_config(c)
+            if rest:
+                raise SystemExit(f"{c}: unknown modifier {rest[0][0]!r}")
     shared = Path(a.shared)
     calib, val = shared / "data" / "tin_calib", Path(a.val or shared / "data" / "tin_val_dev")
     work = Path(a.work)
@@ -62,14 +68,7 @@ def main(argv=None) -> int:
             bits, method = int(parts[1]), parts[2]
             secs = ort_quantize_static(float_path, images, qpath, bits, bits, method)
         else:
-            recipe = parts[0]
-            opts = dict(m.split("=", 1) for m in parts[2:])
-            img = opts.get("img", "8")
-            kw = dict(progress=False, image_bits=None if img == "abits" else int(img))
-            if recipe.endswith("-mp"):
-                cfg = QuantConfig(recipe=recipe[:-3], target_bits=float(parts[1]), **kw)
-            else:
-                cfg = QuantConfig(recipe=recipe, wbits=int(parts[1]), abits=int(parts[1]), **kw)
+            cfg = configs[cfg_s]
             ctx = convert(load_model(float_path), images, cfg, verbose=True)
             save_model(ctx.model, qpath, force=True)
             secs = time.perf_counter() - t

@@ -5,10 +5,7 @@ For comparing settings on calibration data (tin_calib), not on the images a READ
     python tools/fidelity.py --card deit_tiny_tin --configs mptq:4 mptq-attn:4 \
         mptq:4:a8=patch_embed mptq:4:skip=qk
 
-Config syntax: RECIPE:BITS (W=A=BITS), then optional modifiers, each after a colon:
-  skip=ROLE_OR_SITE   leave that site (or every site of that role) in float
-  img=BITS|abits      bits of the image input (default 8; abits: the same as the other activations)
-  FIELD=VALUE         any other QuantConfig field, e.g. sqb_alphas=0.5,0.7,0.9 or row_budget=8192
+Config syntax: tools/specs.py (RECIPE:BITS[:skip=..][:img=..][:FIELD=VALUE]), plus
   w8=ROLE / a8=ROLE   after the recipe ran, put that role's weights / activations back to 8 bits
                       (OPT-m's own 8-bit quantizers; recipes that ran opt-m only)
 Calibrates on 128 images of ../shared/data/tin_calib; evaluates on all of --data (default tin_calib).
@@ -16,7 +13,6 @@ Calibrates on 128 images of ../shared/data/tin_calib; evaluates on all of --data
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,34 +27,19 @@ from mptq_onnx.data import ImageFolder, iter_batches, load_calibration  # noqa: 
 from mptq_onnx.modelio import get_preprocess, load_model  # noqa: E402
 from mptq_onnx.passes.base import PassManager  # noqa: E402
 from mptq_onnx.passes.qdq import write_plan  # noqa: E402
-from mptq_onnx.plan import Context, QuantConfig  # noqa: E402
+from mptq_onnx.plan import Context  # noqa: E402
 from mptq_onnx.simulate import kl_divergence  # noqa: E402
-
-
-def _parse_like(default, v: str):
-    if isinstance(default, tuple):
-        return tuple(type(default[0])(x) for x in v.split(","))
-    return float(v) if default is None else type(default)(v)  # None: target_bits
+from tools.specs import quant_config  # noqa: E402
 
 
 def quantized(float_path: Path, images: np.ndarray, spec: str):
-    recipe, bits, *mods = spec.split(":")
-    opts = [m.split("=", 1) for m in mods]
-    skip = tuple(v for k, v in opts if k == "skip")
-    img = dict(opts).get("img", "8")
-    cfg = QuantConfig(recipe=recipe, wbits=int(bits), abits=int(bits), progress=False, skip_sites=skip,
-                      image_bits=None if img == "abits" else int(img))
-    for k, v in opts:
-        if k in ("skip", "img", "w8", "a8"):
-            continue
-        if not hasattr(cfg, k):
+    cfg, opts = quant_config(spec)
+    for k, _ in opts:
+        if k not in ("w8", "a8"):
             raise SystemExit(f"{spec}: {k!r} is neither a modifier nor a QuantConfig field")
-        cfg = dataclasses.replace(cfg, **{k: _parse_like(getattr(cfg, k), v)})
     ctx = Context(load_model(float_path), cfg, images)
     PassManager(recipe_passes(cfg)[:-1], verbose=False)(ctx)  # all but the QDQ writer
     for k, role in opts:
-        if k not in ("w8", "a8"):
-            continue
         if ctx.site_optimizer is None:
             raise SystemExit(f"{spec}: {k}= needs a recipe that runs opt-m")
         for p in ctx.plan.values():

@@ -17,7 +17,7 @@ from ..graph import GraphIndex
 from ..plan import Context
 from ..quantizers import fake_quant, search_uniform, symmetric_per_channel
 from .base import Pass, PassResult
-from .uniform import search_sample
+from .uniform import search_sample, skipped
 
 ROWS = 1024
 
@@ -150,7 +150,7 @@ class SmoothQuantBias(Pass):
             if not g.exact:
                 continue
             sites = [info.site(n) for n in g.sites]
-            if any(n in cfg.skip_sites or s.role in cfg.skip_sites for n, s in zip(g.sites, sites)):
+            if any(skipped(ctx, s) for s in sites):
                 continue
             st = stats[sites[0].inputs[0].tensor]
             x = st.sample
