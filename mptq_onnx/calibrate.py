@@ -14,6 +14,8 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from .modelio import image_input
+
 
 @dataclasses.dataclass
 class TensorStats:
@@ -84,7 +86,7 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
     full_tensors = [t for t in full_tensors if t not in row_tensors]
     names = list(dict.fromkeys(list(row_tensors) + list(full_tensors)))
     out_name = model.graph.output[0].name
-    in_name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
+    in_name = image_input(model).name
     sess = session(_with_outputs(model, names))
     stats = {n: TensorStats(n) for n in names}
     samples: dict[str, list[np.ndarray]] = {n: [] for n in names}

@@ -145,7 +145,7 @@ def _add_quant_args(p):
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
     p.add_argument("--target-bits", type=float, default=None,
                    help="Greedy MP: average bit-width for weights and activations (e.g. 5)")
-    p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None, help="Greedy MP bit-widths (8 6 5 4 3)")
+    p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None, help="Greedy MP bit-widths (default 8 6 5 4)")
     p.add_argument("--mp-images", type=int, default=16,
                    help="calibration images Greedy MP scores configurations on (default 16; time grows with it)")
     p.add_argument("--image-bits", type=_image_bits, default=8,

@@ -85,13 +85,22 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
     model.metadata_props.add(key=key, value=value)
 
 
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The graph input images are fed to: the first input that is not an initializer."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            return vi
+    raise MptqError("the model has no graph input to feed images to")
+
+
 def get_preprocess(model: onnx.ModelProto) -> Preprocess:
     """The preprocessing config stored by `export`; otherwise a default matched to the input shape."""
     raw = get_metadata(model, PREPROCESS_KEY)
     if raw:
         return Preprocess.from_dict(json.loads(raw))
     pp = Preprocess()
-    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims = image_input(model).type.tensor_type.shape.dim
     if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:]):
         pp.input_size = (dims[1].dim_value, dims[2].dim_value, dims[3].dim_value)
         if pp.input_size[1] < 224:

@@ -33,7 +33,9 @@ class QuantConfig:
     act_method: str = "mse"          # minmax | mse
     weight_method: str = "mse"       # minmax | mse
     target_bits: float | None = None  # Greedy MP average bit-width
-    mp_candidates: tuple[int, ...] = (8, 6, 5, 4, 3)
+    # 3 is left out by default: at a 5-bit target, measuring sensitivities at 5 and 4 bits rather
+    # than 4 and 3 lowered the final KL on tin_calib (deit 0.0127 -> 0.0118, swin 0.0049 -> 0.0048)
+    mp_candidates: tuple[int, ...] = (8, 6, 5, 4)
     mp_images: int = 16               # calibration images Greedy MP scores configurations on
     sqb_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     row_budget: int = 4096            # token rows kept per Linear input for the searches

@@ -191,29 +191,49 @@ def search_uniform(x: np.ndarray, bits: int, err=None, *, lo: float | None = Non
 
 
 def search_weight(w: np.ndarray, out_axis: int, bits: int, hessian: np.ndarray | None = None,
-                  in_axis: int | None = None, grid: int = 30, floor: float = 0.3,
+                  rows: np.ndarray | None = None, grid: int = 12, refine: int = 2, floor: float = 0.3,
                   method: str = "mse") -> Quantizer:
-    """Per-output-channel symmetric clipping by grid search, per channel.
+    """Per-output-channel symmetric clipping, searched per channel: a grid of clipping ratios, then
+    `refine` points on each side of every channel's best, a third of a grid step apart.
 
-    With `hessian` = XᵀX of the layer input (2-D weights only) the error of channel c is
-    d_cᵀ H d_c, the squared error of that output channel on the calibration tokens; otherwise it is
-    the weight MSE.
+    The error of channel c is d_cᵀ H d_c, the squared error of that output channel on the
+    calibration tokens (2-D weights only), with H = XᵀX given as `hessian` or as the rows X
+    (cheaper when X has fewer rows than columns); with neither, it is the weight MSE.
     """
     red = tuple(i for i in range(w.ndim) if i != out_axis)
     absmax = np.abs(w).max(axis=red)
-    best_err = np.full(absmax.shape, np.inf)
-    best_scale = np.maximum(absmax / qrange(bits, True)[1], 1e-8).astype(F32)
-    for r in np.linspace(1.0, floor, grid):
+
+    def errors(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = symmetric_per_channel(w, out_axis, bits, absmax * r)
         d = fake_quant(w, q) - w
-        if hessian is not None and w.ndim == 2:
+        if w.ndim == 2 and (hessian is not None or rows is not None):
             dm = d if out_axis == 1 else d.T           # [in, out]
-            e = np.einsum("io,io->o", dm, hessian @ dm)
-        else:
-            e = (d * d).sum(axis=red)
+            if rows is not None:
+                xd = rows @ dm
+                return np.einsum("no,no->o", xd, xd), q.scale
+            return np.einsum("io,io->o", dm, hessian @ dm), q.scale
+        return (d * d).sum(axis=red), q.scale
+
+    best_err = np.full(absmax.shape, np.inf)
+    best_r = np.ones(absmax.shape)
+    best_scale = np.maximum(absmax / qrange(bits, True)[1], 1e-8).astype(F32)
+
+    def consider(r: np.ndarray) -> None:
+        nonlocal best_err, best_r, best_scale
+        e, scale = errors(r)
         better = e < best_err
         best_err = np.where(better, e, best_err)
-        best_scale = np.where(better, q.scale, best_scale).astype(F32)
+        best_r = np.where(better, r, best_r)
+        best_scale = np.where(better, scale, best_scale).astype(F32)
+
+    ratios = np.linspace(1.0, floor, grid)
+    for r in ratios:
+        consider(np.full(absmax.shape, r))
+    step = (1.0 - floor) / max(grid - 1, 1)
+    centre = best_r.copy()
+    for k in range(1, refine + 1):
+        for sign in (1, -1):
+            consider(np.clip(centre + sign * k * step / (refine + 1), floor * 0.9, 1.0))
     qmin, qmax = qrange(bits, True)
     return Quantizer("uniform", bits, best_scale, np.zeros(best_scale.shape, np.int32), qmin, qmax,
                      axis=out_axis, method=method)

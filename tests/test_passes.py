@@ -12,13 +12,13 @@ from mptq_onnx.modelio import get_preprocess
 from mptq_onnx.passes.attn_smooth import AttnSmooth
 from mptq_onnx.passes.calibrate import Calibrate
 from mptq_onnx.passes.canonicalize import Canonicalize
-from mptq_onnx.passes.greedy_mp import GreedyMP, cost_table
+from mptq_onnx.passes.greedy_mp import GreedyMP, build_simulator, cost_table
 from mptq_onnx.passes.optm import OptM
 from mptq_onnx.passes.qdq import average_bits, write_plan
 from mptq_onnx.passes.sqb import SmoothQuantBias
 from mptq_onnx.passes.uniform import UniformParams
 from mptq_onnx.plan import Context, QuantConfig
-from mptq_onnx.simulate import kl_divergence
+from mptq_onnx.simulate import TailScorer, kl_divergence
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,29 @@ def test_simulation_matches_qdq(model, calib):
     a, b = _run(qdq, calib[:8]), _run(sim, calib[:8])
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.875
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
+
+
+def test_tail_scorer_matches_whole_runs(model, calib):
+    """Running from a cut on cached activations gives the logits of running the whole graph."""
+    ctx = _ctx(model, calib, wbits=8, abits=8)
+    OptM()(ctx)
+    prov = ctx.site_optimizer
+    sim = build_simulator(ctx, prov, {(n, "a"): 8 for n in ctx.plan}, 8)
+    imgs = calib[:6]
+    sites = [p.site for p in ctx.plan.values()]
+    base = sim.feeds(sites[3].name, "a0", prov.acts(sites[3], 4)[0])  # a base that is not all-high
+    tails = TailScorer(sim, imgs, base)
+    moves = []
+    for s in sites[5::7]:  # early to late blocks, every role in turn
+        f = sim.feeds(s.name, "w", prov.weight(s, 4)) if s.weight else {}
+        for i, q in enumerate(prov.acts(s, 3)):
+            f.update(sim.feeds(s.name, f"a{i}", q))
+        moves.append(f)
+    tails.prepare(moves)
+    starts = [tails.start(f) for f in moves]
+    assert len(set(starts)) >= 4 and min(starts) < max(starts)  # several cuts are used
+    for f in moves:
+        np.testing.assert_allclose(tails.run(f), sim.run(imgs, {**base, **f}), rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_mp_reaches_budget(model, calib):

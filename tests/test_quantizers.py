@@ -112,3 +112,15 @@ def test_searches_beat_minmax():
     qw, qm = search_weight(w, 1, 4), symmetric_per_channel(w, 1, 4)
     assert np.square(fake_quant(w, qw) - w).sum() < np.square(fake_quant(w, qm) - w).sum()
     assert qrange(4, True) == (-8, 7) and qrange(3, False) == (0, 7)
+
+
+def test_search_weight_rows_equal_hessian():
+    """The output-error search gives the same clipping from the rows X as from H = XᵀX."""
+    x = RNG.standard_normal((40, 96)).astype(np.float32)
+    x[:, 3] *= 20  # an outlier channel makes the output error differ from the weight MSE
+    w = RNG.standard_normal((96, 16)).astype(np.float32)
+    q_h = search_weight(w, 1, 4, hessian=(x.T @ x).astype(np.float32))
+    q_x = search_weight(w, 1, 4, rows=x)
+    np.testing.assert_allclose(q_h.scale, q_x.scale, rtol=1e-6)
+    err = lambda q: float(np.square(x @ (fake_quant(w, q) - w)).sum())  # noqa: E731
+    assert err(q_x) <= err(search_weight(w, 1, 4)) + 1e-6  # output-aware beats weight-MSE on the output

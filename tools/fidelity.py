@@ -32,13 +32,25 @@ from mptq_onnx.simulate import kl_divergence  # noqa: E402
 from tools.specs import quant_config  # noqa: E402
 
 
-def quantized(float_path: Path, images: np.ndarray, spec: str):
+def _base_spec(spec: str) -> str:
+    return ":".join(m for m in spec.split(":") if not m.startswith(("w8=", "a8=")))
+
+
+def quantized(float_path: Path, images: np.ndarray, spec: str, cache: dict):
+    """The QDQ model of a spec; runs of the same spec that differ only in w8=/a8= share one conversion."""
     cfg, opts = quant_config(spec)
     for k, _ in opts:
         if k not in ("w8", "a8"):
             raise SystemExit(f"{spec}: {k!r} is neither a modifier nor a QuantConfig field")
-    ctx = Context(load_model(float_path), cfg, images)
-    PassManager(recipe_passes(cfg)[:-1], verbose=False)(ctx)  # all but the QDQ writer
+    base = _base_spec(spec)
+    if base not in cache:
+        cache.clear()  # one conversion kept: they hold the calibration data
+        ctx = Context(load_model(float_path), cfg, images)
+        PassManager(recipe_passes(cfg)[:-1], verbose=False)(ctx)  # all but the QDQ writer
+        cache[base] = (ctx, {n: (p.weight, list(p.acts)) for n, p in ctx.plan.items()})
+    ctx, saved = cache[base]
+    for n, p in ctx.plan.items():
+        p.weight, p.acts = saved[n][0], list(saved[n][1])
     for k, role in opts:
         if ctx.site_optimizer is None:
             raise SystemExit(f"{spec}: {k}= needs a recipe that runs opt-m")
@@ -79,8 +91,9 @@ def main(argv=None) -> int:
 
     ref = logits(load_model(float_path))
     print(f"{a.card} on {len(x)} images of {ds.root.name}: float top-1 {(ref.argmax(1) == y).mean():.4f}")
+    cache: dict = {}
     for spec in a.configs:
-        z = logits(quantized(float_path, calib, spec))
+        z = logits(quantized(float_path, calib, spec, cache))
         print(f"{spec:32s} KL {kl_divergence(ref, z):.4f}  agree {(z.argmax(1) == ref.argmax(1)).mean():.4f}  "
               f"top-1 {(z.argmax(1) == y).mean():.4f}", flush=True)
     return 0

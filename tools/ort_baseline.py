@@ -35,7 +35,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from mptq_onnx.data import load_calibration
 from mptq_onnx.errors import MptqError
 from mptq_onnx.evaluate import evaluate
-from mptq_onnx.modelio import PREPROCESS_KEY, get_metadata, get_preprocess, load_model, set_metadata
+from mptq_onnx.modelio import PREPROCESS_KEY, get_metadata, get_preprocess, image_input, load_model, set_metadata
 
 OP_TYPES = ["MatMul", "Gemm", "Conv"]
 # bits -> (weight type, activation type); only what this onnxruntime build provides
@@ -67,14 +67,6 @@ def ort_types(wbits: int, abits: int) -> tuple[QuantType, QuantType]:
         if b not in ORT_TYPES:
             raise UnsupportedBits(f"onnxruntime has no {b}-bit {what} type (QuantType offers {have} bits)")
     return ORT_TYPES[wbits][0], ORT_TYPES[abits][1]
-
-
-def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name not in inits:
-            return vi
-    raise MptqError("the model has no graph input to feed calibration images to")
 
 
 class ArrayDataReader(CalibrationDataReader):
@@ -128,7 +120,7 @@ def ort_quantize_static(float_path: str | Path, calib_array: np.ndarray, out_pat
     meth = calibration_method(method)
     float_path, out_path = Path(float_path), Path(out_path)
     header = load_model(float_path, load_external=False)
-    vi = _image_input(header)
+    vi = image_input(header)
     dims = vi.type.tensor_type.shape.dim
     if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
         batch_size = dims[0].dim_value  # a fixed batch dimension: feed exactly that

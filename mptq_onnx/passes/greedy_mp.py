@@ -15,7 +15,9 @@ fitted per quantizer from the two measurements and kept within [2, 16]). At 6 bi
 barely moves the KL of 16 images, so measuring there mostly records noise; the fit is both cheaper
 (two evaluations per quantizer instead of one per candidate) and steadier. The greedy loop ranks
 moves by that table (costs taken as additive) and measures the real KL of the current
-configuration every few moves and at the end, for the printed path.
+configuration every few moves and at the end, for the printed path. Each sensitivity evaluation
+runs the network only from the block the quantizer sits in (simulate.TailScorer), on activations
+of the all-high configuration cached once.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from ..plan import Context
 from ..quantizers import Quantizer
-from ..simulate import Simulator, Slot, kl_divergence
+from ..simulate import Simulator, Slot, TailScorer, kl_divergence
 from .base import Pass, PassResult
 from .uniform import act_quantizer, weight_quantizer
 
@@ -75,6 +77,24 @@ class UniformProvider:
         return ["uniform"]
 
 
+def build_simulator(ctx: Context, prov, a_bits: dict[tuple[str, str], int], w_bits: int) -> Simulator:
+    """One fake-quant session over every site's quantizers (weights at `w_bits`, activations at
+    `a_bits[(site, 'a')]`), with one branch per kind the provider's quantizers of a slot can take."""
+    slots, init = [], {}
+    for p in ctx.plan.values():
+        s = p.site
+        if s.weight:
+            slots.append(Slot(s.name, "w", s.node, s.weight, -1, ["uniform"]))
+            init[(s.name, "w")] = prov.weight(s, w_bits)
+        for i, a in enumerate(s.inputs):
+            slots.append(Slot(s.name, f"a{i}", s.node, a.tensor, -1, prov.act_kinds(s, i)))
+            init[(s.name, f"a{i}")] = prov.acts(s, a_bits[(s.name, "a")])[i]
+    node_inputs = {n.name: list(n.input) for n in ctx.model.graph.node}
+    for sl in slots:
+        sl.input_index = node_inputs[sl.node].index(sl.tensor)
+    return Simulator(ctx.model, slots, init)
+
+
 class GreedyMP(Pass):
     name = "greedy-mp"
 
@@ -103,21 +123,7 @@ class GreedyMP(Pass):
         state = {(p.site.name, t): fixed.get((p.site.name, t), cands[0])
                  for p in plans for t in ("w", "a") if (p.site.name, t) in share}
 
-        # one slot per quantizer; kinds are every kind the candidates use
-        slots, init = [], {}
-        for p in plans:
-            s = p.site
-            if s.weight:
-                slots.append(Slot(s.name, "w", s.node, s.weight, -1, ["uniform"]))
-                init[(s.name, "w")] = prov.weight(s, cands[0])
-            for i, a in enumerate(s.inputs):
-                kinds = prov.act_kinds(s, i)
-                slots.append(Slot(s.name, f"a{i}", s.node, a.tensor, -1, kinds))
-                init[(s.name, f"a{i}")] = prov.acts(s, state[(s.name, "a")])[i]
-        node_inputs = {n.name: list(n.input) for n in ctx.model.graph.node}
-        for sl in slots:
-            sl.input_index = node_inputs[sl.node].index(sl.tensor)
-        sim = Simulator(ctx.model, slots, init)
+        sim = build_simulator(ctx, prov, state, cands[0])
 
         def move_feeds(site, typ, bits):
             f = {}
@@ -139,8 +145,12 @@ class GreedyMP(Pass):
         movable = [k for k in state if k not in fixed]
         measured: dict[tuple[str, str], dict[int, float]] = {k: {} for k in movable}
         moves = [(n, t, b) for (n, t) in movable for b in cands[-2:] if b != cands[0]]
-        for n, t, b in tqdm(moves, desc="greedy-mp: sensitivity", disable=not cfg.progress, leave=False):
-            measured[(n, t)][b] = score(move_feeds(sites[n], t, b)) - kl0
+        tails = TailScorer(sim, imgs, {})  # each move runs the network from its block on
+        move_f = [move_feeds(sites[n], t, b) for n, t, b in moves]
+        tails.prepare(move_f)
+        for (n, t, b), f in tqdm(list(zip(moves, move_f)), desc="greedy-mp: sensitivity",
+                                 disable=not cfg.progress, leave=False):
+            measured[(n, t)][b] = kl_divergence(ref, tails.run(f)) - kl0
         table = {}
         for k, m in measured.items():
             for b, c in cost_table(m, cands).items():

@@ -83,7 +83,10 @@ def opt_weight(ctx: Context, site, data: SiteData | None, bits: int) -> Quantize
     w = ctx.weight(site.weight)
     if data is None or data.x is None:
         return search_weight(w, site.w_out_axis, bits, method="opt-m")
-    q = search_weight(data.w, 1, bits, hessian=data.hessian, method="opt-m")  # over [in, out]
+    if len(data.x_all) < data.w.shape[0]:  # fewer tokens than input channels: X is the thinner factor
+        q = search_weight(data.w, 1, bits, rows=data.x_all, method="opt-m")  # over [in, out]
+    else:
+        q = search_weight(data.w, 1, bits, hessian=data.hessian, method="opt-m")
     q.axis = site.w_out_axis  # per output channel: same vector whichever way the weight is stored
     return q
 
