@@ -146,7 +146,7 @@ class TailScorer:
     all-high configuration, so on average it runs half the network per evaluation.
     """
 
-    MAX_LIVE = 1  # activations crossing a cut
+    MAX_LIVE = 1  # activations crossing a cut: the residual stream (a larger value adds cuts, and sessions)
 
     def __init__(self, sim: Simulator, images: np.ndarray, base_feeds: dict[str, np.ndarray],
                  threads: int | None = None):
