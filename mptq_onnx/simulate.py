@@ -211,7 +211,10 @@ class TailScorer:
 
     def prepare(self, feed_sets: list[dict[str, np.ndarray]]) -> None:
         """Compute, in one pass, the base activations at every cut these configurations start from."""
-        need = sorted({self.start(f) for f in feed_sets} - {0} - set(self._cache))
+        self._prepare_cuts({self.start(f) for f in feed_sets})
+
+    def _prepare_cuts(self, cuts: set[int]) -> None:
+        need = sorted(cuts - {0} - set(self._cache))
         if not need:
             return
         names = sorted({t for c in need for t in self.cuts[c]})
@@ -254,7 +257,7 @@ class TailScorer:
         c = self.start(feeds)
         if c == 0:
             return self.sim.run(self.images, full, batch)
-        self.prepare([feeds])
+        self._prepare_cuts({c})
         sess, names = self._tail(c)
         fed = {k: v for k, v in full.items() if k in names}
         acts = self._cache[c]
