@@ -71,7 +71,7 @@ def _config(a):
     cfg = QuantConfig(wbits=a.wbits, abits=a.abits, recipe=a.recipe, calib_size=a.calib_size,
                       act_method=a.act_method, weight_method=a.weight_method, target_bits=a.target_bits,
                       seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
-                      image_bits=a.image_bits, mp_images=a.mp_images)
+                      image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -140,7 +140,8 @@ def cmd_demo(a) -> int:
 
 
 def _add_quant_args(p):
-    p.add_argument("--recipe", default="uniform", help="uniform | mptq | mptq-attn | sqb | optm (default: uniform)")
+    p.add_argument("--recipe", default="uniform",
+                   help="uniform | mptq | mptq-paper | sqb | optm (default: uniform); see the README's recipe table")
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits, 2-8 (default 8)")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
     p.add_argument("--target-bits", type=float, default=None,
@@ -154,6 +155,9 @@ def _add_quant_args(p):
     p.add_argument("--calib-size", type=int, default=128, help="calibration images (default 128)")
     p.add_argument("--act-method", default="mse", help="uniform recipe: minmax | mse")
     p.add_argument("--weight-method", default="mse", help="uniform recipe: minmax | mse")
+    p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
+                   help="weight rounding after the scales are chosen: nearest, or gptq (error compensation "
+                        "through the layer's input Hessian; needs opt-m). Default: gptq in mptq, else nearest")
     p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")

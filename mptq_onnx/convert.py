@@ -13,18 +13,24 @@ from .passes.optm import OptM
 from .passes.sqb import SmoothQuantBias
 from .passes.greedy_mp import GreedyMP
 from .passes.qdq import WriteQDQ
+from .passes.rounding import GPTQRounding
 from .passes.uniform import UniformParams
 from .plan import Context, QuantConfig
+
+
+def weight_rounding(cfg: QuantConfig) -> str:
+    """The rounding a config uses: its own, else the recipe's (error compensation in `mptq`)."""
+    return cfg.weight_rounding or ("gptq" if cfg.recipe == "mptq" else "nearest")
 
 
 def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     head: list[Pass] = [Canonicalize(), Calibrate()]
     if cfg.recipe == "uniform":
         body: list[Pass] = [UniformParams()]
-    elif cfg.recipe == "mptq":  # the paper's passes
-        body = [SmoothQuantBias(), OptM()]
-    elif cfg.recipe == "mptq-attn":  # + our attention smoothing; worse top-1 on tin_calib, kept opt-in
+    elif cfg.recipe == "mptq":  # the paper's passes with our attention smoothing and GPTQ rounding
         body = [AttnSmooth(), SmoothQuantBias(), OptM()]
+    elif cfg.recipe == "mptq-paper":  # the paper's passes only
+        body = [SmoothQuantBias(), OptM()]
     elif cfg.recipe == "optm":  # ablation: OPT-m without SQ-b
         body = [OptM()]
     elif cfg.recipe == "sqb":  # ablation: SQ-b, then the uniform MSE baseline
@@ -32,10 +38,14 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
+    if weight_rounding(cfg) == "gptq":
+        if not any(isinstance(p, OptM) for p in body):
+            raise MptqError(f"--weight-rounding gptq needs a recipe that runs opt-m, not {cfg.recipe!r}")
+        tail.append(GPTQRounding())  # after Greedy MP: it needs the final bit-widths
     return head + body + tail + [WriteQDQ()]
 
 
-RECIPES = ("uniform", "mptq", "mptq-attn", "sqb", "optm")
+RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm")
 
 
 def convert(model: onnx.ModelProto, calib_images: np.ndarray, cfg: QuantConfig,

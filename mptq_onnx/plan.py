@@ -47,6 +47,7 @@ class QuantConfig:
     # The image input of the first layer is 8-bit pixel data; in their W4A4, RepQ-ViT quantizes it
     # at 8 bits and I&S-ViT leaves it as it is. None quantizes it with --abits like the rest.
     image_bits: int | None = 8
+    weight_rounding: str | None = None  # nearest | gptq; None: the recipe's (gptq in mptq)
 
     def held_abits(self, site) -> int | None:
         """The activation bits a site is held at whatever --abits or Greedy MP say (the image input)."""
@@ -75,6 +76,8 @@ class QuantConfig:
             raise MptqError(f"--mp-images must be at least 1, got {self.mp_images}")
         if self.calib_size < 1:
             raise MptqError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.weight_rounding not in (None, "nearest", "gptq"):
+            raise MptqError(f"--weight-rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
         if self.act_method not in ("minmax", "mse") or self.weight_method not in ("minmax", "mse"):
             raise MptqError("--act-method/--weight-method must be 'minmax' or 'mse'")
 

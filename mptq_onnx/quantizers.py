@@ -82,25 +82,24 @@ def fake_quant(x: np.ndarray, q: Quantizer) -> np.ndarray:
     """
     x = np.asarray(x, F32)
     if q.kind == "uniform":
+        # (clip(rint(x/s) + z, qmin, qmax) - z)·s = clip(rint(x/s), qmin - z, qmax - z)·s, exactly:
+        # every term is a small integer; np.clip is several times faster than maximum/minimum
         s, z = _bshape(q, x)
         s, z = np.asarray(s, F32), np.asarray(z, F32)
         y = x / s
         np.rint(y, out=y)
-        y += z
-        np.maximum(y, F32(q.qmin), out=y)
-        np.minimum(y, F32(q.qmax), out=y)
-        y -= z
+        np.clip(y, F32(q.qmin) - z, F32(q.qmax) - z, out=y)
         y *= s
         return y
     if q.kind == "region":
         sn, sp = F32(q.neg_scale), np.asarray(q.scale, F32)
-        neg = np.minimum(x, F32(0)) / sn
+        neg = np.clip(x, None, F32(0)) / sn
         np.rint(neg, out=neg)
-        np.maximum(neg, F32(q.qmin), out=neg)
+        np.clip(neg, F32(q.qmin), F32(0), out=neg)
         neg *= sn
-        pos = np.maximum(x, F32(0)) / sp
+        pos = np.clip(x, F32(0), None) / sp
         np.rint(pos, out=pos)
-        np.minimum(pos, F32(q.qmax), out=pos)
+        np.clip(pos, F32(0), F32(q.qmax), out=pos)
         pos *= sp
         pos += neg
         return pos
@@ -182,11 +181,15 @@ def search_uniform(x: np.ndarray, bits: int, err=None, *, lo: float | None = Non
             cache[key] = (err(fake_quant(x, q)), q)
         return cache[key]
 
-    for _ in range(rounds):
+    def near(r: float) -> np.ndarray:  # later rounds: two grid steps either side of the current ratio
+        i = int(np.argmin(np.abs(ratios - r)))
+        return ratios[max(i - 2, 0): i + 3]
+
+    for k in range(rounds):
         if hi > 0:
-            b = min(ratios, key=lambda r: score(a, r)[0])
+            b = min(ratios if k == 0 else near(b), key=lambda r: score(a, r)[0])
         if lo < 0:
-            a = min(ratios, key=lambda r: score(r, b)[0])
+            a = min(ratios if k == 0 else near(a), key=lambda r: score(r, b)[0])
     return score(a, b)[1]
 
 
@@ -237,3 +240,80 @@ def search_weight(w: np.ndarray, out_axis: int, bits: int, hessian: np.ndarray |
     qmin, qmax = qrange(bits, True)
     return Quantizer("uniform", bits, best_scale, np.zeros(best_scale.shape, np.int32), qmin, qmax,
                      axis=out_axis, method=method)
+
+
+# --- error-compensating weight rounding (GPTQ, Frantar et al. 2022) ---------------------------------
+
+# added to H's diagonal, times its mean: H of a few hundred tokens is singular (Swin's last stage),
+# and on tin_calib 0.1 gave a KL no worse than 0.01 (deit W4A4 0.0510 against 0.0521)
+GPTQ_DAMP = 0.1
+
+
+def tri_inv_lower(m: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by 2x2 blocks: n³/3 flops in matrix products, where
+    np.linalg.inv would spend 2n³ on a general LU."""
+    n = len(m)
+    if n <= 256:
+        return np.tril(np.linalg.inv(m))
+    k = n // 2
+    a_inv, d_inv = tri_inv_lower(m[:k, :k]), tri_inv_lower(m[k:, k:])
+    out = np.zeros_like(m)
+    out[:k, :k], out[k:, k:] = a_inv, d_inv
+    out[k:, :k] = -d_inv @ m[k:, :k] @ a_inv
+    return out
+
+
+def inv_chol_upper(h: np.ndarray) -> np.ndarray:
+    """U upper-triangular with UᵀU = H⁻¹ (what GPTQ walks: row i carries input i's error to the
+    inputs after it). With J the order reversal and JHJ = LLᵀ, U = J L⁻¹ J."""
+    lo = np.linalg.cholesky(h[::-1, ::-1])
+    return tri_inv_lower(lo)[::-1, ::-1]
+
+
+def gptq_round(w_io: np.ndarray, q: Quantizer, h: np.ndarray, damp: float = GPTQ_DAMP,
+               block: int = 128) -> np.ndarray:
+    """Weights [in, out] rounded onto q's per-output-channel grid, compensating through H [in, in].
+
+    Returns the dequantized weights (on the grid), float32. Inputs that are always zero are
+    rounded plainly. Inputs are taken in order of decreasing H_ii: the costliest errors first,
+    while the most channels are left to absorb them.
+    """
+    n_in, n_out = w_io.shape
+    s = np.broadcast_to(np.asarray(q.scale, np.float32), (n_out,))
+    z = np.broadcast_to(np.asarray(q.zero_point, np.float32), (n_out,))
+    inv_s = (1.0 / s).astype(np.float32)
+    lo, hi = np.float32(q.qmin), np.float32(q.qmax)
+    has_z = bool(np.any(z))
+    h = np.array(h, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(n_in)] += damp * float(np.mean(np.diag(h)))
+    perm = np.argsort(-np.diag(h), kind="stable")
+    h = h[np.ix_(perm, perm)]
+    u = inv_chol_upper(h).astype(np.float32)
+    w = np.array(w_io[perm], np.float32)                 # [in, out], rows contiguous
+    out = np.empty_like(w)
+    for a in range(0, n_in, block):
+        b = min(a + block, n_in)
+        wb = w[a:b]                                      # a view: updated in place
+        err = np.empty_like(wb)
+        for i in range(b - a):
+            row = wb[i]
+            qr = np.rint(row * inv_s)
+            if has_z:
+                qr += z
+            np.clip(qr, lo, hi, out=qr)
+            if has_z:
+                qr -= z
+            qr *= s
+            out[a + i] = qr
+            e = err[i]
+            np.subtract(row, qr, out=e)
+            e /= u[a + i, a + i]
+            if i + 1 < b - a:
+                wb[i + 1:] -= u[a + i, a + i + 1:b, None] * e
+        if b < n_in:
+            w[b:] -= u[a:b, b:].T @ err
+    res = np.empty_like(out)
+    res[perm] = out
+    return res

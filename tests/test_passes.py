@@ -15,6 +15,8 @@ from mptq_onnx.passes.canonicalize import Canonicalize
 from mptq_onnx.passes.greedy_mp import GreedyMP, build_simulator, cost_table
 from mptq_onnx.passes.optm import OptM
 from mptq_onnx.passes.qdq import average_bits, write_plan
+from mptq_onnx.passes.rounding import GPTQRounding
+from mptq_onnx.quantizers import fake_quant
 from mptq_onnx.passes.sqb import SmoothQuantBias
 from mptq_onnx.passes.uniform import UniformParams
 from mptq_onnx.plan import Context, QuantConfig
@@ -139,13 +141,14 @@ def test_optm_picks_special_quantizers_at_4_bits(model, calib):
 
 
 def test_simulation_matches_qdq(model, calib):
-    """The fake-quant graph Greedy MP scores with computes what the QDQ model computes."""
+    """The fake-quant graph Greedy MP scores with computes what the QDQ model computes, up to the
+    rounding of the integer kernels onnxruntime fuses 8-bit QDQ into (the image input is 8-bit)."""
     ctx = _ctx(model, calib, wbits=4, abits=4)
     OptM()(ctx)
     qdq, _ = write_plan(ctx.model, ctx.plan, "qdq")
     sim, _ = write_plan(ctx.model, ctx.plan, "sim")
-    a, b = _run(qdq, calib[:8]), _run(sim, calib[:8])
-    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.875
+    a, b = _run(qdq, calib), _run(sim, calib)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.85
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
 
 
@@ -242,3 +245,21 @@ def test_already_quantized_is_rejected(model, calib):
     q, _ = write_plan(ctx.model, ctx.plan, "qdq")
     with pytest.raises(MptqError, match="already quantized"):
         Canonicalize()(Context(q, QuantConfig(), calib))
+
+
+def test_gptq_rounding_brings_logits_closer_and_stores_codes(model, calib):
+    """W4A8: error-compensating rounding moves the quantized logits towards float on the
+    calibration images, and every rounded weight sits on its quantizer's grid (the stored codes)."""
+    ctx = _ctx(model, calib, wbits=4, abits=8)
+    OptM()(ctx)
+    ref = _run(model, calib)
+    nearest, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    res = GPTQRounding()(ctx)
+    rounded, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    assert res.modified and "gptq" in ctx.plan["blocks.0.mlp.fc1"].method_str()
+    mse = lambda m: float(np.square(_run(m, calib) - ref).mean())  # noqa: E731
+    assert mse(rounded) < 0.8 * mse(nearest)
+    for p in ctx.plan.values():
+        if "gptq" in p.methods:
+            w = ctx.weight(p.site.weight)
+            np.testing.assert_array_equal(fake_quant(w, p.weight), w)

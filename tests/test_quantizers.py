@@ -124,3 +124,30 @@ def test_search_weight_rows_equal_hessian():
     np.testing.assert_allclose(q_h.scale, q_x.scale, rtol=1e-6)
     err = lambda q: float(np.square(x @ (fake_quant(w, q) - w)).sum())  # noqa: E731
     assert err(q_x) <= err(search_weight(w, 1, 4)) + 1e-6  # output-aware beats weight-MSE on the output
+
+
+def test_inv_chol_upper_is_cholesky_of_inverse():
+    from mptq_onnx.quantizers import inv_chol_upper
+    rng = np.random.default_rng(0)
+    for n in (5, 300, 700):  # 300, 700: the blocked triangular inverse
+        x = rng.standard_normal((n + 50, n))
+        h = x.T @ x + np.eye(n)
+        u = inv_chol_upper(h)
+        np.testing.assert_array_equal(u, np.triu(u))
+        np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-7, atol=1e-10)
+
+
+def test_gptq_round_stays_on_grid_and_lowers_output_error():
+    from mptq_onnx.quantizers import gptq_round
+    rng = np.random.default_rng(0)
+    n_in, n_out, rows = 96, 40, 2000
+    mix = rng.standard_normal((n_in, n_in)) * 0.3 + np.eye(n_in)   # correlated inputs, as in a ViT
+    x = (rng.standard_normal((rows, n_in)) @ mix).astype(np.float32)
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    for bits in (3, 4, 6):
+        q = symmetric_per_channel(w, 1, bits)
+        nearest = fake_quant(w, q)
+        new = gptq_round(w, q, (x.T @ x).astype(np.float64))
+        np.testing.assert_array_equal(fake_quant(new, q), new)     # codes are rint(w/s): on the grid
+        err = lambda v: float(np.square(x @ (v - w)).sum())  # noqa: E731
+        assert err(new) < 0.8 * err(nearest), bits

@@ -51,6 +51,9 @@ def quantized(float_path: Path, images: np.ndarray, spec: str, cache: dict):
     ctx, saved = cache[base]
     for n, p in ctx.plan.items():
         p.weight, p.acts = saved[n][0], list(saved[n][1])
+    if opts and any(p.weight is not None and "gptq" in p.methods for p in ctx.plan.values()):
+        raise SystemExit(f"{spec}: w8=/a8= need nearest rounding (add :weight_rounding=nearest): "
+                         "the weights were already rounded onto the low-bit grid")
     for k, role in opts:
         if ctx.site_optimizer is None:
             raise SystemExit(f"{spec}: {k}= needs a recipe that runs opt-m")

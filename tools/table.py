@@ -11,7 +11,8 @@ def label(c: str) -> str:
     if c in NAMES:
         return NAMES[c]
     recipe, b, *mods = c.split(":")
-    img = f" (image input at A{b})" if "img=abits" in mods else ""
+    extra = [m for m in mods if m != "img=abits"]
+    img = (f" (image input at A{b})" if "img=abits" in mods else "") + (f" ({', '.join(extra)})" if extra else "")
     if recipe.endswith("-mp"):
         return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits{img}"
     return f"mptq-onnx {recipe} W{b}A{b}{img}"
@@ -25,7 +26,7 @@ def order(r: dict):
     parts = c.split(":")
     if parts[0] == "ort":
         return (1, -int(parts[1]), parts[2])
-    rank = {"uniform": 0, "sqb": 1, "optm": 2, "mptq": 3, "mptq-attn": 4}
+    rank = {"uniform": 0, "sqb": 1, "optm": 2, "mptq-paper": 3, "mptq": 4}
     return (2, -float(parts[1]), f"{int(parts[0].endswith('-mp'))}{rank.get(parts[0], 5)}{parts[0]}",
             ":".join(parts[2:]))
 
