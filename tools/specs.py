@@ -14,7 +14,12 @@ from mptq_onnx.plan import QuantConfig, parse_image_bits
 def _parse_like(default, v: str):
     if isinstance(default, tuple):
         return tuple(type(default[0])(x) for x in v.split(","))
-    return float(v) if default is None else type(default)(v)  # None: target_bits
+    if default is None:  # target_bits (a number) or weight_rounding (a word)
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return type(default)(v)
 
 
 def quant_config(spec: str) -> tuple[QuantConfig, list[tuple[str, str]]]:
