@@ -6,7 +6,7 @@ Kinds:
 - ``region``: split at zero, separate scales for the negative and the positive region (OPT-m's
   post-GELU quantizer). Codes -n_neg..qpos, n_neg + qpos + 1 = 2^bits.
 - ``log2``: x̂ = s 2^(-q/k), q = clip(rint(-k log2(x / s)), 0, 2^bits - 2), the top code meaning 0;
-  k = `steps_per_octave` (1: log2; 2: log√2, RepQ-ViT's post-Softmax quantizer, which spends its
+  k = `steps_per_octave` (1: log2; 4: log⁴√2, for 6 bits and up; 2: log√2, RepQ-ViT's post-Softmax quantizer, which spends its
   codes on the large probabilities where a 2x step is coarsest).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Quantizer:
         extra = f" neg_s={self.neg_scale:.3g}" if self.kind == "region" else ""
         zp = np.atleast_1d(self.zero_point)
         z = f" zp={int(zp[0])}" if zp.size == 1 and self.kind == "uniform" else ""
-        kind = "log√2" if self.kind == "log2" and self.steps_per_octave == 2 else self.kind
+        kind = log_name(self.steps_per_octave) if self.kind == "log2" else self.kind
         return f"{kind}{self.bits} s={sc}{z}{extra}"
 
     def to_json(self) -> dict:
@@ -63,6 +63,11 @@ class Quantizer:
         if self.kind == "log2":
             d["steps_per_octave"] = self.steps_per_octave
         return d
+
+
+def log_name(k: int) -> str:
+    """log2, log√2, log⁴√2, ...: the base of a log quantizer with k codes per octave."""
+    return {1: "log2", 2: "log√2", 3: "log³√2", 4: "log⁴√2"}.get(k, f"log2^(1/{k})")
 
 
 def _bshape(q: Quantizer, x: np.ndarray):

@@ -7,7 +7,9 @@
   each with its own scale; the number of negative codes and the ratio m = s_pos / s_neg are
   searched, and plain uniform is kept where it is better.
 - Attention MatMuls: each operand's quantizer minimises the error of the product with the other
-  operand in float; post-Softmax values choose between uniform, log2 and log√2 by that error.
+  operand in float; post-Softmax values choose between uniform, log2, log√2 and log⁴√2 by that
+  error; at 6 bits and up log⁴√2 too (4 codes per octave: there log2 and log√2 waste codes on
+  probabilities too small to matter, and uniform zeroes them).
 Activation searches use float weights, so the quantizer of each (site, bit-width) is independent
 of the others' bit-widths and Greedy MP can cache them.
 """
@@ -17,8 +19,8 @@ import numpy as np
 
 from ..graph import GraphIndex, attr
 from ..plan import Context, SitePlan
-from ..quantizers import (Quantizer, fake_quant, log2_quantizer, region_quantizer, search_uniform,
-                          search_weight)
+from ..quantizers import (Quantizer, fake_quant, log2_quantizer, log_name, region_quantizer,
+                          search_uniform, search_weight)
 from .base import Pass, PassResult
 from .sqb import w_in_out
 from .uniform import skipped
@@ -138,10 +140,9 @@ def opt_matmul_acts(ctx: Context, site, bits: int) -> list[Quantizer]:
         best = search_uniform(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
         if inp.kind == "post_softmax":
             be = err(fake_quant(x, best))
-            for k in (1, 2):  # log2, log√2
+            for k in (1, 2, 4) if bits >= 6 else (1, 2):  # log2, log√2, log⁴√2
                 for r in (1.0, 0.75, 0.5, 0.35, 0.25):
-                    q = log2_quantizer(st.max * r, bits, method=f"opt-m-log{'√' if k == 2 else ''}2",
-                                       steps_per_octave=k)
+                    q = log2_quantizer(st.max * r, bits, method=f"opt-m-{log_name(k)}", steps_per_octave=k)
                     e = err(fake_quant(x, q))
                     if e < be:
                         best, be = q, e
