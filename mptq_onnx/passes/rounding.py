@@ -30,7 +30,7 @@ class GPTQRounding(Pass):
         if opt is None:
             return PassResult(ctx, False, "no OPT-m data; skipped")
         done, gain = 0, []
-        for name, p in ctx.plan.items():
+        for p in ctx.plan.values():
             site = p.site
             if p.weight is None or p.weight.kind != "uniform" or np.ndim(p.weight.scale) != 1:
                 continue
