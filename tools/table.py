@@ -12,10 +12,10 @@ def label(c: str) -> str:
         return NAMES[c]
     recipe, b, *mods = c.split(":")
     extra = [m for m in mods if m != "img=abits"]
-    img = (f" (image input at A{b})" if "img=abits" in mods else "") + (f" ({', '.join(extra)})" if extra else "")
+    suffix = (f" (image input at A{b})" if "img=abits" in mods else "") + (f" ({', '.join(extra)})" if extra else "")
     if recipe.endswith("-mp"):
-        return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits{img}"
-    return f"mptq-onnx {recipe} W{b}A{b}{img}"
+        return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits{suffix}"
+    return f"mptq-onnx {recipe} W{b}A{b}{suffix}"
 
 
 def order(r: dict):

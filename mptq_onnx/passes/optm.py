@@ -7,8 +7,8 @@
   each with its own scale; the number of negative codes and the ratio m = s_pos / s_neg are
   searched, and plain uniform is kept where it is better.
 - Attention MatMuls: each operand's quantizer minimises the error of the product with the other
-  operand in float; post-Softmax values choose between uniform, log2, log√2 and log⁴√2 by that
-  error; at 6 bits and up log⁴√2 too (4 codes per octave: there log2 and log√2 waste codes on
+  operand in float; post-Softmax values choose between uniform, log2 and log√2 by that error, and
+  at 6 bits and up log⁴√2 too (4 codes per octave: there log2 and log√2 waste codes on
   probabilities too small to matter, and uniform zeroes them).
 Activation searches use float weights, so the quantizer of each (site, bit-width) is independent
 of the others' bit-widths and Greedy MP can cache them.

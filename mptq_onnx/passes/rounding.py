@@ -13,11 +13,14 @@ Where compensation does not lower the error on (a sample of) those rows, nearest
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..plan import Context
-from ..quantizers import Quantizer, fake_quant, gptq_round
+from ..quantizers import fake_quant, gptq_round
 from .base import Pass, PassResult
+from .sqb import set_w_in_out
 
 ERR_ROWS = 1024  # rows the kept-or-not check compares the two roundings on
 
@@ -42,29 +45,24 @@ class GPTQRounding(Pass):
             x = np.ascontiguousarray(x, np.float32)
             h = (x.T @ x).astype(np.float64)
             w_io = d.w.astype(np.float32)
-            wq_io = fake_quant(w_io, _io_quantizer(p.weight))
+            wq_io = fake_quant(w_io, dataclasses.replace(p.weight, axis=1))  # nearest, over [in, out]
             new = gptq_round(w_io, p.weight, h)
             xs = x[:ERR_ROWS] if len(x) <= ERR_ROWS else x[np.linspace(0, len(x) - 1, ERR_ROWS).astype(int)]
             e0, e1 = _err(xs, w_io, wq_io), _err(xs, w_io, new)
             if not e1 < e0:  # keep nearest rounding where compensation does not help
                 continue
             gain.append(e1 / max(e0, 1e-30))
-            new = fake_quant(new, _io_quantizer(p.weight))  # exactly on the grid: rint(w/s) gives the codes
-            w = ctx.weight(site.weight)
-            if site.op == "conv":
-                ctx.set_initializer(site.weight, np.ascontiguousarray(new.T).reshape(w.shape))
+            if site.op == "conv":  # [in, out] rows are patches: back to [out, C, k, k]
+                shape = ctx.weight(site.weight).shape
+                ctx.set_initializer(site.weight, np.ascontiguousarray(new.T).reshape(shape))
             else:
-                ctx.set_initializer(site.weight, new if site.w_in_axis == 0 else np.ascontiguousarray(new.T))
+                set_w_in_out(ctx, site, new)
             p.methods.append("gptq")
             done += 1
         msg = f"{done} weights rounded with error compensation"
         if gain:
             msg += f"; output error x{np.median(gain):.2f} (median)"
         return PassResult(ctx, done > 0, msg)
-
-
-def _io_quantizer(q: Quantizer) -> Quantizer:
-    return Quantizer(q.kind, q.bits, q.scale, q.zero_point, q.qmin, q.qmax, axis=1, method=q.method)
 
 
 def _err(x: np.ndarray, w: np.ndarray, wq: np.ndarray) -> float:
