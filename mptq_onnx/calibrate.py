@@ -73,10 +73,26 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int | None = None,
+            external: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
+    """`external`: values of initializers the model holds as external-data placeholders
+    (see `external_placeholder`), handed to onnxruntime without serializing them."""
     so = session_options(threads)
     so.log_severity_level = 3
+    if external:
+        names = sorted(external)
+        so.add_external_initializers(names, [external[n] for n in names])
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def external_placeholder(t: onnx.TensorProto) -> onnx.TensorProto:
+    """An initializer with t's name, type and shape whose data is to come from `session(external=)`."""
+    p = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                         data_location=onnx.TensorProto.EXTERNAL)
+    for k, v in (("location", "unused.bin"), ("offset", "0"), ("length", "0")):
+        e = p.external_data.add()
+        e.key, e.value = k, v
+    return p
 
 
 def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str],

@@ -11,8 +11,9 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from .calibrate import session
+from .calibrate import external_placeholder, session
 from .emit import LN2, Editor
 from .quantizers import Quantizer
 
@@ -135,6 +136,13 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
 
 
+EXTERNAL_BYTES = 1 << 16  # initializers at least this large go to tail sessions as arrays
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return len(t.raw_data) if t.HasField("raw_data") else 4 * int(np.prod(t.dims, dtype=np.int64))
+
+
 class TailScorer:
     """Runs configurations that differ from a base one only in some fed parameters, from the last
     cut of the graph before the first node those parameters reach.
@@ -189,6 +197,10 @@ class TailScorer:
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._sess: dict[int, tuple] = {}  # cut -> (session, its input names)
         self._types: dict[str, onnx.ValueInfoProto] | None = None
+        # weights reach the tail sessions as arrays, not serialized into each tail's model: with a
+        # session per cut, that serializing (and onnxruntime's parsing) took ~20 s of Swin's Greedy MP
+        self._big = {t.name: (external_placeholder(t), ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(t)))
+                     for t in g.initializer if _nbytes(t) >= EXTERNAL_BYTES}
 
     def start(self, feeds: dict[str, np.ndarray]) -> int:
         """The cut a configuration runs from (0: the whole graph)."""
@@ -244,11 +256,13 @@ class TailScorer:
             nodes = pre[::-1] + self.nodes[c:]
             inputs = [self._value_info(t) for t in self.cuts[c]]
             inputs += [i for i in src.input if i.name in need and i.name != self.sim.in_name]
+            inits = [t for t in src.initializer if t.name in need]
+            big = [t.name for t in inits if t.name in self._big]
             g = onnx.helper.make_graph(nodes, f"{src.name}_from{c}", inputs, list(src.output),
-                                       [t for t in src.initializer if t.name in need])
+                                       [self._big[t.name][0] if t.name in self._big else t for t in inits])
             m = onnx.helper.make_model(g, opset_imports=self.sim.model.opset_import,
                                        ir_version=self.sim.model.ir_version)
-            self._sess[c] = (session(m, self.threads), {i.name for i in inputs})
+            self._sess[c] = (session(m, self.threads, {n: self._big[n][1] for n in big}), {i.name for i in inputs})
         return self._sess[c]
 
     def run(self, feeds: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:

@@ -162,6 +162,7 @@ def test_tail_scorer_matches_whole_runs(model, calib):
     sites = [p.site for p in ctx.plan.values()]
     base = sim.feeds(sites[3].name, "a0", prov.acts(sites[3], 4)[0])  # a base that is not all-high
     tails = TailScorer(sim, imgs, base)
+    assert tails._big  # the larger weights reach the tail sessions as arrays, not serialized
     moves = []
     for s in sites[5::7]:  # early to late blocks, every role in turn
         f = sim.feeds(s.name, "w", prov.weight(s, 4)) if s.weight else {}

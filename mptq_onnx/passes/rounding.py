@@ -18,51 +18,56 @@ import dataclasses
 import numpy as np
 
 from ..plan import Context
-from ..quantizers import fake_quant, gptq_round
+from ..quantizers import Quantizer, fake_quant, gptq_round
 from .base import Pass, PassResult
-from .sqb import set_w_in_out
 
 ERR_ROWS = 1024  # rows the kept-or-not check compares the two roundings on
+
+
+def gptq_weight(ctx: Context, site, wq: Quantizer, aq: Quantizer | None) -> tuple[np.ndarray, float] | None:
+    """Site's weight rounded onto `wq`'s grid with error compensation, in the graph's layout, for
+    inputs quantized by `aq`, and its output error relative to nearest rounding; None where it
+    does not beat nearest rounding (or cannot run)."""
+    d = ctx.site_optimizer.data(site) if ctx.site_optimizer is not None else None
+    if wq.kind != "uniform" or np.ndim(wq.scale) != 1 or d is None or d.x is None:
+        return None
+    x = fake_quant(d.x_all, aq) if aq is not None else d.x_all
+    x = np.ascontiguousarray(x, np.float32)
+    h = (x.T @ x).astype(np.float64)
+    w_io = d.w.astype(np.float32)
+    wq_io = fake_quant(w_io, dataclasses.replace(wq, axis=1))  # nearest, over [in, out]
+    new = gptq_round(w_io, wq, h)
+    xs = x[:ERR_ROWS] if len(x) <= ERR_ROWS else x[np.linspace(0, len(x) - 1, ERR_ROWS).astype(int)]
+    e0, e1 = _err(xs, w_io, wq_io), _err(xs, w_io, new)
+    if not e1 < e0:  # keep nearest rounding where compensation does not help
+        return None
+    if site.op == "conv":  # [in, out] rows are patches: back to [out, C, k, k]
+        new = new.T.reshape(ctx.weight(site.weight).shape)
+    elif site.w_in_axis != 0:
+        new = new.T
+    return np.ascontiguousarray(new, np.float32), e1 / max(e0, 1e-30)
 
 
 class GPTQRounding(Pass):
     name = "rounding"
 
     def __call__(self, ctx: Context) -> PassResult:
-        opt = ctx.site_optimizer
-        if opt is None:
+        if ctx.site_optimizer is None:
             return PassResult(ctx, False, "no OPT-m data; skipped")
-        done, gain = 0, []
+        gain = []
         for p in ctx.plan.values():
-            site = p.site
-            if p.weight is None or p.weight.kind != "uniform" or np.ndim(p.weight.scale) != 1:
+            if p.weight is None:
                 continue
-            d = opt.data(site)
-            if d is None or d.x is None:
+            r = gptq_weight(ctx, p.site, p.weight, p.acts[0] if p.acts else None)
+            if r is None:
                 continue
-            aq = p.acts[0] if p.acts else None
-            x = fake_quant(d.x_all, aq) if aq is not None else d.x_all
-            x = np.ascontiguousarray(x, np.float32)
-            h = (x.T @ x).astype(np.float64)
-            w_io = d.w.astype(np.float32)
-            wq_io = fake_quant(w_io, dataclasses.replace(p.weight, axis=1))  # nearest, over [in, out]
-            new = gptq_round(w_io, p.weight, h)
-            xs = x[:ERR_ROWS] if len(x) <= ERR_ROWS else x[np.linspace(0, len(x) - 1, ERR_ROWS).astype(int)]
-            e0, e1 = _err(xs, w_io, wq_io), _err(xs, w_io, new)
-            if not e1 < e0:  # keep nearest rounding where compensation does not help
-                continue
-            gain.append(e1 / max(e0, 1e-30))
-            if site.op == "conv":  # [in, out] rows are patches: back to [out, C, k, k]
-                shape = ctx.weight(site.weight).shape
-                ctx.set_initializer(site.weight, np.ascontiguousarray(new.T).reshape(shape))
-            else:
-                set_w_in_out(ctx, site, new)
+            ctx.set_initializer(p.site.weight, r[0])
+            gain.append(r[1])
             p.methods.append("gptq")
-            done += 1
-        msg = f"{done} weights rounded with error compensation"
+        msg = f"{len(gain)} weights rounded with error compensation"
         if gain:
             msg += f"; output error x{np.median(gain):.2f} (median)"
-        return PassResult(ctx, done > 0, msg)
+        return PassResult(ctx, bool(gain), msg)
 
 
 def _err(x: np.ndarray, w: np.ndarray, wq: np.ndarray) -> float:
