@@ -136,11 +136,12 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
 
 
-EXTERNAL_BYTES = 1 << 16  # initializers at least this large go to tail sessions as arrays
+EXTERNAL_BYTES = 1 << 16  # initializers at least this large go to TailScorer's sessions as arrays
 
 
 def _nbytes(t: onnx.TensorProto) -> int:
-    return len(t.raw_data) if t.HasField("raw_data") else 4 * int(np.prod(t.dims, dtype=np.int64))
+    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return item * int(np.prod(t.dims, dtype=np.int64))
 
 
 class TailScorer:
@@ -197,8 +198,8 @@ class TailScorer:
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._sess: dict[int, tuple] = {}  # cut -> (session, its input names)
         self._types: dict[str, onnx.ValueInfoProto] | None = None
-        # weights reach the tail sessions as arrays, not serialized into each tail's model: with a
-        # session per cut, that serializing (and onnxruntime's parsing) took ~20 s of Swin's Greedy MP
+        # weights reach this scorer's sessions as arrays, not serialized into each one's model: with
+        # a session per cut, that serializing (and onnxruntime's parsing) took ~20 s of Swin's Greedy MP
         self._big = {t.name: (external_placeholder(t), ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(t)))
                      for t in g.initializer if _nbytes(t) >= EXTERNAL_BYTES}
 
@@ -230,10 +231,9 @@ class TailScorer:
         if not need:
             return
         names = sorted({t for c in need for t in self.cuts[c]})
-        m = onnx.ModelProto()
-        m.CopyFrom(self.sim.model)
-        m.graph.output.extend(self._value_info(t) for t in names)
-        sess = session(m, self.threads)
+        src = self.sim.model.graph
+        sess = self._session(self.nodes, list(src.input), list(src.output) + [self._value_info(t) for t in names],
+                             f"{src.name}_cuts")
         got: dict[str, list[np.ndarray]] = {t: [] for t in names}
         for i in range(0, len(self.images), 64):
             for t, v in zip(names, sess.run(names, {self.sim.in_name: self.images[i:i + 64], **self.base})):
@@ -256,14 +256,19 @@ class TailScorer:
             nodes = pre[::-1] + self.nodes[c:]
             inputs = [self._value_info(t) for t in self.cuts[c]]
             inputs += [i for i in src.input if i.name in need and i.name != self.sim.in_name]
-            inits = [t for t in src.initializer if t.name in need]
-            big = [t.name for t in inits if t.name in self._big]
-            g = onnx.helper.make_graph(nodes, f"{src.name}_from{c}", inputs, list(src.output),
-                                       [self._big[t.name][0] if t.name in self._big else t for t in inits])
-            m = onnx.helper.make_model(g, opset_imports=self.sim.model.opset_import,
-                                       ir_version=self.sim.model.ir_version)
-            self._sess[c] = (session(m, self.threads, {n: self._big[n][1] for n in big}), {i.name for i in inputs})
+            self._sess[c] = (self._session(nodes, inputs, list(src.output), f"{src.name}_from{c}"),
+                             {i.name for i in inputs})
         return self._sess[c]
+
+    def _session(self, nodes: list[onnx.NodeProto], inputs: list, outputs: list, name: str):
+        """A session over `nodes` of the simulation graph, with the initializers they use; the large
+        ones as placeholders whose values go to onnxruntime as arrays."""
+        need = {x for n in nodes for x in n.input}
+        inits = [t for t in self.sim.model.graph.initializer if t.name in need]
+        g = onnx.helper.make_graph(nodes, name, inputs, outputs,
+                                   [self._big[t.name][0] if t.name in self._big else t for t in inits])
+        m = onnx.helper.make_model(g, opset_imports=self.sim.model.opset_import, ir_version=self.sim.model.ir_version)
+        return session(m, self.threads, {t.name: self._big[t.name][1] for t in inits if t.name in self._big})
 
     def run(self, feeds: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
         """Logits of the base configuration with `feeds` applied on top."""

@@ -23,7 +23,7 @@ from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.evaluate import evaluate  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model, save_model  # noqa: E402
-from tools.specs import quant_config  # noqa: E402
+from tools.specs import float_model, quant_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,10 +48,7 @@ def main(argv=None) -> int:
     calib, val = shared / "data" / "tin_calib", Path(a.val or shared / "data" / "tin_val_dev")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    float_path = work / f"{a.card}.onnx"
-    if not float_path.exists():
-        from mptq_onnx.export import export_model
-        export_model(str(shared / "models" / f"{a.card}.json"), float_path)
+    float_path = float_model(a.card, shared, work)
     model = load_model(float_path)
     images = load_calibration(calib, get_preprocess(model), a.calib_size, progress=False)
     out = Path(a.out)

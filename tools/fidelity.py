@@ -29,7 +29,7 @@ from mptq_onnx.passes.base import PassManager  # noqa: E402
 from mptq_onnx.passes.qdq import write_plan  # noqa: E402
 from mptq_onnx.plan import Context  # noqa: E402
 from mptq_onnx.simulate import kl_divergence  # noqa: E402
-from tools.specs import quant_config  # noqa: E402
+from tools.specs import float_model, quant_config  # noqa: E402
 
 
 def _base_spec(spec: str) -> str:
@@ -76,11 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs"))
     a = ap.parse_args(argv)
     shared = Path(a.shared)
-    float_path = Path(a.work) / f"{a.card}.onnx"
-    if not float_path.exists():
-        from mptq_onnx.export import export_model
-        float_path.parent.mkdir(parents=True, exist_ok=True)
-        export_model(str(shared / "models" / f"{a.card}.json"), float_path)
+    float_path = float_model(a.card, shared, Path(a.work))
     pp = get_preprocess(load_model(float_path))
     calib = load_calibration(shared / "data" / "tin_calib", pp, 128, progress=False)
     ds = ImageFolder(a.data or shared / "data" / "tin_calib", pp)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model  # noqa: E402
-from tools.specs import quant_config  # noqa: E402
+from tools.specs import float_model, quant_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,11 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", required=True)
     ap.add_argument("--work", default=str(REPO / "runs"))
     a = ap.parse_args(argv)
-    float_path = Path(a.work) / f"{a.card}.onnx"
-    if not float_path.exists():
-        from mptq_onnx.export import export_model
-        float_path.parent.mkdir(parents=True, exist_ok=True)
-        export_model(str(Path(a.shared) / "models" / f"{a.card}.json"), float_path)
+    float_path = float_model(a.card, Path(a.shared), Path(a.work))
     calib = load_calibration(Path(a.shared) / "data" / "tin_calib", get_preprocess(load_model(float_path)), 128,
                              progress=False)
     for spec in a.configs:

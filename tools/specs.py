@@ -1,5 +1,5 @@
-"""Config specs shared by the tools: RECIPE:BITS (W=A=BITS) or RECIPE-mp:TARGET (Greedy MP), then
-optional :KEY=VALUE modifiers:
+"""What the tools share: `float_model` (a card's float export) and config specs, RECIPE:BITS
+(W=A=BITS) or RECIPE-mp:TARGET (Greedy MP), then optional :KEY=VALUE modifiers:
   skip=ROLE_OR_SITE   leave that site (or every site of that role) in float (repeatable)
   img=BITS|abits      bits of the image input (default 8; abits: the same as the other activations)
   FIELD=VALUE         any other QuantConfig field, e.g. sqb_alphas=0.5,0.7,0.9 or mp_images=32
@@ -7,8 +7,19 @@ optional :KEY=VALUE modifiers:
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from mptq_onnx.plan import QuantConfig, parse_image_bits
+
+
+def float_model(card: str, shared: Path, work: Path) -> Path:
+    """The float ONNX export of a model card of ../shared/models, exported into `work` if missing."""
+    path = Path(work) / f"{card}.onnx"
+    if not path.exists():
+        from mptq_onnx.export import export_model  # torch: only when an export is needed
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_model(str(Path(shared) / "models" / f"{card}.json"), path)
+    return path
 
 
 def _parse_like(default, v: str):
