@@ -100,7 +100,8 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
               batch_size: int = 32, seed: int = 0, progress: bool = True) -> CalibData:
     """Run `model` over `images`; sample rows of `row_tensors`, keep leading slices of `full_tensors`."""
     full_tensors = [t for t in full_tensors if t not in row_tensors]
-    names = list(dict.fromkeys(list(row_tensors) + list(full_tensors)))
+    names = list(dict.fromkeys(list(row_tensors) + list(full_tensors)))  # this order draws the row samples
+    full_set = set(full_tensors)
     out_name = model.graph.output[0].name
     in_name = image_input(model).name
     sess = session(_with_outputs(model, names))
@@ -119,10 +120,10 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
         keep_full = seen_full < full_images
         for n, v in zip(names, outs[1:]):
             st = stats[n]
-            st.min = min(st.min, float(v.min()))
-            st.max = max(st.max, float(v.max()))
             st.numel += v.size
-            if n in full_tensors:
+            if n in full_set:
+                st.min = min(st.min, float(v.min()))
+                st.max = max(st.max, float(v.max()))
                 if keep_full:
                     # leading rows of this batch that belong to the first `full_images` images
                     per_img = max(v.shape[0] // len(xb), 1)
@@ -131,6 +132,8 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
                 continue
             rows = v.reshape(-1, v.shape[-1])
             lo, hi = rows.min(0), rows.max(0)
+            st.min = min(st.min, float(lo.min()))  # the tensor's range from the channels': one pass less
+            st.max = max(st.max, float(hi.max()))
             if st.ch_min is None:
                 st.ch_min, st.ch_max, st.ch_sum = lo, hi, rows.sum(0, dtype=np.float64)
             else:

@@ -17,6 +17,11 @@ import numpy as np
 
 F32 = np.float32
 
+try:  # the clip ufunc itself: np.clip's argument handling costs ~10 µs a call, and the searches
+    from numpy._core.umath import clip as _clip  # make tens of thousands of calls per conversion
+except ImportError:  # numpy < 2
+    from numpy.core.umath import clip as _clip
+
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
@@ -93,18 +98,18 @@ def fake_quant(x: np.ndarray, q: Quantizer) -> np.ndarray:
         s, z = np.asarray(s, F32), np.asarray(z, F32)
         y = x / s
         np.rint(y, out=y)
-        np.clip(y, F32(q.qmin) - z, F32(q.qmax) - z, out=y)
+        _clip(y, F32(q.qmin) - z, F32(q.qmax) - z, out=y)
         y *= s
         return y
     if q.kind == "region":
         sn, sp = F32(q.neg_scale), np.asarray(q.scale, F32)
-        neg = np.clip(x, None, F32(0)) / sn
+        neg = np.minimum(x, F32(0)) / sn
         np.rint(neg, out=neg)
-        np.clip(neg, F32(q.qmin), F32(0), out=neg)
+        _clip(neg, F32(q.qmin), F32(0), out=neg)
         neg *= sn
-        pos = np.clip(x, F32(0), None) / sp
+        pos = np.maximum(x, F32(0)) / sp
         np.rint(pos, out=pos)
-        np.clip(pos, F32(0), F32(q.qmax), out=pos)
+        _clip(pos, F32(0), F32(q.qmax), out=pos)
         pos *= sp
         pos += neg
         return pos
@@ -130,7 +135,7 @@ def uniform_from_range(lo: float, hi: float, bits: int, *, signed_zero: bool = F
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     qmin, qmax = qrange(bits, signed_zero)
     scale = max((hi - lo) / (qmax - qmin), 1e-8)
-    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    zp = min(max(round(qmin - lo / scale), qmin), qmax)  # Python floats: round() is half-to-even, as np.rint
     return Quantizer("uniform", bits, np.array(scale, F32), np.array(zp, np.int32), qmin, qmax, method=method)
 
 
@@ -172,6 +177,14 @@ def search_uniform(x: np.ndarray, bits: int, err=None, *, lo: float | None = Non
     Coordinate descent over the two clipping ratios; with `err` measuring a layer's output this is
     OPT-m's data-driven choice of the scaling factor.
     """
+    return search_uniform_scored(x, bits, err, lo=lo, hi=hi, grid=grid, floor=floor, rounds=rounds,
+                                 method=method)[1]
+
+
+def search_uniform_scored(x: np.ndarray, bits: int, err=None, *, lo: float | None = None,
+                          hi: float | None = None, grid: int = 20, floor: float = 0.2, rounds: int = 2,
+                          method: str = "mse") -> tuple[float, Quantizer]:
+    """`search_uniform`, returning (err of the choice, the quantizer)."""
     lo = float(x.min()) if lo is None else lo
     hi = float(x.max()) if hi is None else hi
     err = err or (lambda xq: _mse(xq, x))
@@ -186,16 +199,16 @@ def search_uniform(x: np.ndarray, bits: int, err=None, *, lo: float | None = Non
             cache[key] = (err(fake_quant(x, q)), q)
         return cache[key]
 
-    def near(r: float) -> np.ndarray:  # later rounds: two grid steps either side of the current ratio
+    def near(r: float) -> list[float]:  # later rounds: two grid steps either side of the current ratio
         i = int(np.argmin(np.abs(ratios - r)))
-        return ratios[max(i - 2, 0): i + 3]
+        return ratios[max(i - 2, 0): i + 3].tolist()
 
-    for k in range(rounds):
+    for k in range(rounds):  # Python floats: np.float64 keys and products are slower in this loop
         if hi > 0:
-            b = min(ratios if k == 0 else near(b), key=lambda r: score(a, r)[0])
+            b = min(ratios.tolist() if k == 0 else near(b), key=lambda r: score(a, r)[0])
         if lo < 0:
-            a = min(ratios if k == 0 else near(a), key=lambda r: score(r, b)[0])
-    return score(a, b)[1]
+            a = min(ratios.tolist() if k == 0 else near(a), key=lambda r: score(r, b)[0])
+    return score(a, b)
 
 
 def search_weight(w: np.ndarray, out_axis: int, bits: int, hessian: np.ndarray | None = None,
@@ -307,7 +320,7 @@ def gptq_round(w_io: np.ndarray, q: Quantizer, h: np.ndarray, damp: float = GPTQ
             qr = np.rint(row * inv_s)
             if has_z:
                 qr += z
-            np.clip(qr, lo, hi, out=qr)
+            _clip(qr, lo, hi, out=qr)
             if has_z:
                 qr -= z
             qr *= s

@@ -6,8 +6,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from mptq_onnx.emit import Editor
+from mptq_onnx.passes.uniform import search_sample
 from mptq_onnx.quantizers import (fake_quant, log2_quantizer, qrange, region_quantizer, search_uniform,
-                                  search_weight, symmetric_per_channel, uniform_from_range)
+                                  search_uniform_scored, search_weight, symmetric_per_channel,
+                                  uniform_from_range)
 
 
 def _identity_model(shape):
@@ -112,6 +114,21 @@ def test_searches_beat_minmax():
     qw, qm = search_weight(w, 1, 4), symmetric_per_channel(w, 1, 4)
     assert np.square(fake_quant(w, qw) - w).sum() < np.square(fake_quant(w, qm) - w).sum()
     assert qrange(4, True) == (-8, 7) and qrange(3, False) == (0, 7)
+
+
+def test_search_uniform_scored_and_memoised_sample():
+    """The score returned is the error of the quantizer returned; the memoised subsample draws the
+    same values as a fresh generator with the seed, for any tensor of that size."""
+    x = RNG.standard_normal(5000).astype(np.float32)
+    err = lambda xq: float(np.abs(xq - x).max())  # noqa: E731
+    e, q = search_uniform_scored(x, 4, err)
+    assert e == err(fake_quant(x, q))
+    assert search_uniform(x, 4, err) == q
+    for t in (x, x * 3):
+        idx = np.random.default_rng(7).choice(t.size, 1000, replace=False)
+        np.testing.assert_array_equal(search_sample(t, 7, 1000), t[idx])
+    # zero points from Python's round(): half to even, as np.rint and QuantizeLinear
+    assert uniform_from_range(-2.5, 12.5, 4).zero_point == 2 and uniform_from_range(-3.5, 11.5, 4).zero_point == 4
 
 
 def test_search_weight_rows_equal_hessian():

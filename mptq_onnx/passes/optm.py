@@ -20,7 +20,7 @@ import numpy as np
 from ..graph import GraphIndex, attr
 from ..plan import Context, SitePlan
 from ..quantizers import (Quantizer, fake_quant, log2_quantizer, log_name, region_quantizer,
-                          search_uniform, search_weight)
+                          search_uniform_scored, search_weight)
 from .base import Pass, PassResult
 from .sqb import w_in_out
 from .uniform import skipped
@@ -104,23 +104,28 @@ def opt_linear_act(ctx: Context, site, data: SiteData, bits: int) -> Quantizer:
     else:
         x = data.x
         err = lambda xq: data.out_err(xq - x)  # noqa: E731
-    best = search_uniform(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
+    best_err, best = search_uniform_scored(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
     if site.inputs[0].kind != "post_gelu":
         return best
-    best_err = err(fake_quant(x, best))
     neg_min, pos_max = min(st.min, 0.0), st.max
     hi_best = float(best.scale) * (best.qmax - int(best.zero_point))
     ratios = np.linspace(1.0, 0.3, 8)
     cand_hi = [min(hi_best * r, pos_max) for r in (1.3, 1.15, 1.0, 0.9, 0.8, 0.7)]  # around the uniform optimum
+    memo: dict[tuple[float, float, int], float] = {}  # the two scans share points (ratio 1, clipped highs)
+
+    def region_err(neg: float, hi: float, k: int) -> float:
+        if (neg, hi, k) not in memo:
+            memo[neg, hi, k] = err(fake_quant(x, region_quantizer(neg, hi, bits, k)))
+        return memo[neg, hi, k]
+
     for k in (1, 2):  # GELU's negative tail is short: a code or two below zero
         if k >= (1 << bits) // 2:
             continue
-        ph = min(cand_hi, key=lambda h: err(fake_quant(x, region_quantizer(neg_min, h, bits, k))))
-        rn = min(ratios, key=lambda r: err(fake_quant(x, region_quantizer(neg_min * r, ph, bits, k))))
-        q = region_quantizer(neg_min * rn, ph, bits, k, method="opt-m-region")
-        e = err(fake_quant(x, q))
+        ph = min(cand_hi, key=lambda h: region_err(neg_min, h, k))
+        rn = min(ratios, key=lambda r: region_err(neg_min * r, ph, k))
+        e = region_err(neg_min * rn, ph, k)
         if e < best_err:
-            best, best_err = q, e
+            best, best_err = region_quantizer(neg_min * rn, ph, bits, k, method="opt-m-region"), e
     return best
 
 
@@ -137,9 +142,8 @@ def opt_matmul_acts(ctx: Context, site, bits: int) -> list[Quantizer]:
     qs = []
     for which, (x, st, inp) in enumerate(((a, sa, site.inputs[0]), (b, sb, site.inputs[1]))):
         err = _product_err(a, b, which)
-        best = search_uniform(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
+        be, best = search_uniform_scored(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
         if inp.kind == "post_softmax":
-            be = err(fake_quant(x, best))
             for k in (1, 2, 4) if bits >= 6 else (1, 2):  # log2, log√2, log⁴√2
                 for r in (1.0, 0.75, 0.5, 0.35, 0.25):
                     q = log2_quantizer(st.max * r, bits, method=f"opt-m-{log_name(k)}", steps_per_octave=k)

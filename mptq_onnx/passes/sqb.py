@@ -46,15 +46,21 @@ def _quick_act(x: np.ndarray, bits: int) -> np.ndarray:
     return fake_quant(x, q)
 
 
-def group_error(xs: np.ndarray, ws: list[np.ndarray], ys: list[np.ndarray], mu, s, wbits, abits) -> float:
-    """Relative output error of the quantized group for shift `mu` and scale `s`."""
+def group_error(xs: np.ndarray, ws: list[np.ndarray], ys: list[np.ndarray], mu, s, wbits, abits,
+                y_norms: list | None = None) -> float:
+    """Relative output error of the quantized group for shift `mu` and scale `s` (`y_norms`: the
+    ‖y‖² of `ys`, when the caller has them)."""
     xq = _quick_act((xs - mu) / s, abits)
+    if y_norms is None:
+        y_norms = [(y * y).sum() for y in ys]
     err = 0.0
-    for w, y in zip(ws, ys):
+    for w, y, yn in zip(ws, ys, y_norms):
         w2 = w * s[:, None]
         wq = fake_quant(w2, symmetric_per_channel(w2, 1, wbits))
-        d = xq @ wq + mu @ w - y  # (bias cancels: b' − b = μW)
-        err += float((d * d).sum() / max((y * y).sum(), 1e-12))
+        d = xq @ wq  # + μW − y, in place (bias cancels: b' − b = μW)
+        d += mu @ w
+        d -= y
+        err += float((d * d).sum() / max(yn, 1e-12))
     return err
 
 
@@ -70,8 +76,9 @@ def search_smoothing(st, xs: np.ndarray, ws: list[np.ndarray], alphas, shifts, w
     Returns (error without rescaling, (error, μ, s, shift, α)); μ is None when nothing beat it.
     """
     ys = [xs @ w for w in ws]
+    yn = [(y * y).sum() for y in ys]
     w_absmax = np.max(np.concatenate([np.abs(w) for w in ws], axis=1), axis=1)
-    err0 = group_error(xs, ws, ys, np.zeros_like(st.ch_mean), np.ones_like(st.ch_mean), wbits, abits)
+    err0 = group_error(xs, ws, ys, np.zeros_like(st.ch_mean), np.ones_like(st.ch_mean), wbits, abits, yn)
     best = (err0, None, None, "none", 0.0)
     for shift in shifts:
         mu = st.ch_mean if shift == "mean" else (st.ch_min + st.ch_max) / 2
@@ -79,7 +86,7 @@ def search_smoothing(st, xs: np.ndarray, ws: list[np.ndarray], alphas, shifts, w
         y_absmax = np.maximum(np.abs(st.ch_max - mu), np.abs(st.ch_min - mu))
         for a in alphas:
             s = smoothing_scale(y_absmax, w_absmax, a)
-            e = group_error(xs, ws, ys, mu, s, wbits, abits)
+            e = group_error(xs, ws, ys, mu, s, wbits, abits, yn)
             if e < best[0]:
                 best = (e, mu, s, shift, a)
     return err0, best

@@ -5,6 +5,8 @@ error of the tensor itself (the baseline every method is compared with).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..plan import Context, SitePlan
@@ -19,8 +21,15 @@ def search_sample(x: np.ndarray, seed: int = 0, limit: int = MAX_SEARCH_VALUES) 
     flat = x.reshape(-1)
     if flat.size <= limit:
         return flat
-    rng = np.random.default_rng(seed)
-    return flat[rng.choice(flat.size, limit, replace=False)]
+    return flat[_sample_index(flat.size, seed, limit)]
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(size: int, seed: int, limit: int) -> np.ndarray:
+    # memoised: SQ-b samples tensors of one shape for every α it tries, and drawing is the slow part
+    idx = np.random.default_rng(seed).choice(size, limit, replace=False)
+    idx.flags.writeable = False
+    return idx
 
 
 def skipped(ctx: Context, site) -> bool:
