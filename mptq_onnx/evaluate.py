@@ -58,9 +58,10 @@ class EvalResult:
     images: int
     images_per_s: float  # images / seconds inside session.run (inference only)
     seconds: float  # total wall time, decoding included
+    hits: np.ndarray | None = dataclasses.field(default=None, repr=False)  # top-1 right, per image in order
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hits"}
 
     def __str__(self) -> str:
         t5 = "n/a" if self.top5 is None else f"{self.top5:.4f}"
@@ -111,6 +112,7 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
 
     indices = spread_indices(len(ds), limit)
     correct1 = correct5 = images = 0
+    hits = []
     infer_s = 0.0
     k = 5
     n_out = 0
@@ -130,7 +132,8 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
                             f"{n_classes} class folders")
         # stable sort: ties rank the lower class index first, so top-1 == argmax
         top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        correct1 += int((top[:, 0] == y).sum())
+        hits.append(top[:, 0] == y)
+        correct1 += int(hits[-1].sum())
         correct5 += int((top == y[:, None]).any(axis=1).sum())
         images += n
         n_out = logits.shape[1]
@@ -142,4 +145,5 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
         images=images,
         images_per_s=images / infer_s if infer_s > 0 else float("inf"),
         seconds=time.perf_counter() - t_start,
+        hits=np.concatenate(hits),
     )

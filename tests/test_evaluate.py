@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,9 @@ def prototype_weight(root: Path, n_out: int | None = None, seed: int = 1) -> np.
     return w.astype(np.float32)
 
 
-def reference(root: Path, weight: np.ndarray, indices=None) -> tuple[float, float, int]:
-    """top1/top5 computed with plain numpy/PIL, independent of mptq_onnx.data."""
+def reference(root: Path, weight: np.ndarray, indices=None, per_image: bool = False):
+    """top1/top5 computed with plain numpy/PIL, independent of mptq_onnx.data (and, with
+    `per_image`, whether each image's top-1 is right)."""
     files, labels = [], []
     for c, d in enumerate(sorted(p for p in root.iterdir() if p.is_dir())):
         for f in sorted(d.iterdir()):
@@ -84,6 +86,8 @@ def reference(root: Path, weight: np.ndarray, indices=None) -> tuple[float, floa
     order = np.argsort(-logits, axis=1, kind="stable")
     top1 = float(np.mean(order[:, 0] == y))
     top5 = float(np.mean((order[:, :5] == y[:, None]).any(axis=1)))
+    if per_image:
+        return top1, top5, len(files), order[:, 0] == y
     return top1, top5, len(files)
 
 
@@ -97,7 +101,7 @@ def ds12(tmp_path_factory):
 
 def test_evaluate_matches_numpy_reference(ds12, tmp_path):
     root, w = ds12
-    ref1, ref5, n = reference(root, w)
+    ref1, ref5, n, ref_hits = reference(root, w, per_image=True)
     assert 0.0 < ref1 < ref5 < 1.0, (ref1, ref5)  # the check below can tell right from wrong
     path = tmp_path / "m.onnx"
     onnx.save(tiny_classifier(w), path)
@@ -108,6 +112,7 @@ def test_evaluate_matches_numpy_reference(ds12, tmp_path):
     assert r.top5 == pytest.approx(ref5, abs=1e-9)
     assert r.images_per_s > 0 and r.seconds > 0
     assert set(r.to_dict()) == {"top1", "top5", "images", "images_per_s", "seconds"}
+    np.testing.assert_array_equal(r.hits, ref_hits)  # per image, in the folder's order
 
 
 def test_evaluate_proto_and_path_agree_and_batch_size_does_not_matter(ds12, tmp_path):
@@ -259,3 +264,25 @@ def test_ort_quantize_static_then_evaluate(ds12, tmp_path):
     with pytest.raises(tool.UnsupportedBits, match="6-bit"):
         tool.ort_quantize_static(tmp_path / "f.onnx", calib, tmp_path / "q6.onnx", 6, 6, "MinMax")
     assert tool.parse_bits("8") == (8, 8) and tool.parse_bits("W4A8") == (4, 8)
+
+
+# ---------------------------------------------------------------- paired comparison tool
+
+def test_paired_comparison_counts_and_sign_test(tmp_path):
+    spec = importlib.util.spec_from_file_location("paired_under_test", REPO / "tools" / "paired.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = np.array([1, 1, 1, 0, 0, 1, 0, 1, 1, 0] * 10, bool)
+    b = a.copy()
+    b[:6] = ~b[:6]  # 4 right only with a (indices 0, 1, 2, 5), 2 right only with b (3, 4)
+    r = mod.compare(a, b)
+    assert (r["only_ref"], r["only_vs"]) == (4, 2) and r["diff"] == pytest.approx(-0.02)
+    assert r["ci95"][0] < -0.02 < r["ci95"][1] < 0.03
+    assert r["p"] == pytest.approx(2 * 22 / 64)  # two-sided: 2 P(k <= 2 of 6)
+    assert mod.sign_test_p(0, 10) == pytest.approx(2 / 1024) and mod.sign_test_p(5, 10) == 1.0
+    row = lambda c, h: {"config": c, "images": h.size, "val": "v", "limit": None,  # noqa: E731
+                        "hits": np.packbits(h).tobytes().hex()}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps([row("float", a), row("q", b)]))
+    np.testing.assert_array_equal(mod.hits(row("q", b)), b)
+    assert mod.main([str(f), "--ref", "float", "--vs", "q"]) == 0

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
         row.update(top1=round(r.top1, 4), top5=round(r.top5, 4), images=r.images,
                    images_per_s=round(r.images_per_s, 1), size_mb=round(qpath.stat().st_size / 1e6, 2))
         print(json.dumps(row), flush=True)
+        row["hits"] = np.packbits(r.hits).tobytes().hex()  # per-image top-1, for tools/paired.py
         results.append(row)
         out.write_text(json.dumps(results, indent=1))
     return 0
