@@ -18,11 +18,6 @@ from .passes.uniform import UniformParams
 from .plan import Context, QuantConfig
 
 
-def weight_rounding(cfg: QuantConfig) -> str:
-    """The rounding a config uses: its own, else the recipe's (error compensation in `mptq`)."""
-    return cfg.weight_rounding or ("gptq" if cfg.recipe == "mptq" else "nearest")
-
-
 def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     head: list[Pass] = [Canonicalize(), Calibrate()]
     if cfg.recipe == "uniform":
@@ -38,7 +33,7 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
-    if weight_rounding(cfg) == "gptq":
+    if cfg.rounding() == "gptq":
         if not any(isinstance(p, OptM) for p in body):
             raise MptqError(f"--weight-rounding gptq needs a recipe that runs opt-m, not {cfg.recipe!r}")
         tail.append(GPTQRounding())  # after Greedy MP: it needs the final bit-widths

@@ -49,6 +49,14 @@ class QuantConfig:
     image_bits: int | None = 8
     weight_rounding: str | None = None  # nearest | gptq; None: the recipe's (gptq in mptq)
 
+    def rounding(self) -> str:
+        """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
+        return self.weight_rounding or ("gptq" if self.recipe == "mptq" else "nearest")
+
+    def smoothing_scores_weights(self) -> bool:
+        """Whether SQ-b's α/shift search scores the weights' rounding error too (see sqb.py)."""
+        return self.rounding() != "gptq" or self.target_bits is not None
+
     def held_abits(self, site) -> int | None:
         """The activation bits a site is held at whatever --abits or Greedy MP say (the image input)."""
         if self.image_bits is not None and any(a.kind == "image" for a in site.inputs):

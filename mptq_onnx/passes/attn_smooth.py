@@ -143,7 +143,7 @@ class AttnSmooth(Pass):
                 or w.shape[1] != 3 * c:
             return None
         err0, best = search_smoothing(sx, sample_rows(x, rng), [wp], cfg.sqb_alphas, ("mean", "midrange"),
-                                      cfg.wbits, cfg.abits)
+                                      cfg.wbits, cfg.abits, cfg.smoothing_scores_weights())
         if best[1] is None:
             return None
         e, mu, s, shift, a = best
