@@ -17,7 +17,7 @@ from mptq_onnx.passes.optm import OptM
 from mptq_onnx.passes.qdq import average_bits, write_plan
 from mptq_onnx.passes.rounding import GPTQRounding
 from mptq_onnx.quantizers import fake_quant
-from mptq_onnx.passes.sqb import SmoothQuantBias
+from mptq_onnx.passes.sqb import SmoothQuantBias, _quick_act, group_error
 from mptq_onnx.passes.uniform import UniformParams
 from mptq_onnx.plan import Context, QuantConfig
 from mptq_onnx.simulate import TailScorer, kl_divergence
@@ -90,6 +90,24 @@ def test_sqb_lowers_layer_error(model, calib):
     rep = ctx.report["sqb"]
     assert all(v["err_after"] <= v["err_before"] for v in rep.values())
     assert np.mean([v["err_after"] / v["err_before"] for v in rep.values()]) < 0.9
+
+
+def test_smoothing_score_with_and_without_weights():
+    """Activation-only scoring where GPTQ rounding follows at fixed widths; the full score elsewhere."""
+    assert not QuantConfig(recipe="mptq", wbits=4, abits=4).smoothing_scores_weights()
+    assert QuantConfig(recipe="mptq", target_bits=5).smoothing_scores_weights()  # Greedy MP
+    assert QuantConfig(recipe="mptq", weight_rounding="nearest").smoothing_scores_weights()
+    assert QuantConfig(recipe="mptq-paper").smoothing_scores_weights()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    mu, s = np.full(16, 0.1, np.float32), np.linspace(0.5, 2.0, 16).astype(np.float32)
+    y = x @ w
+    xq = _quick_act((x - mu) / s, 3)
+    act_only = np.square(xq @ (w * s[:, None]) + mu @ w - y).sum() / np.square(y).sum()
+    assert group_error(x, [w], [y], mu, s, 3, 3, weights=False) == pytest.approx(act_only, rel=1e-5)
+    # rounding the weights too (3 bits) adds their error
+    assert group_error(x, [w], [y], mu, s, 3, 3) > 1.2 * act_only
 
 
 def test_attn_smooth_keeps_float_model_and_rescales_stats(model, calib):

@@ -2,7 +2,8 @@
 
     python tools/paired.py runs/deit_s7.json --ref float --vs mptq:6 mptq:8
 
-Reads tools/benchmark.py results (rows written with per-image hits). On the images where exactly
+Reads tools/benchmark.py results (rows written with per-image hits), from one file or several
+(a config in more than one: the later file's row counts). On the images where exactly
 one of the two models is right (n_ref: only the reference, n_vs: only the other), the top-1
 difference is (n_vs − n_ref) / images. If neither model were better, each such image would be
 as likely to fall either way: the exact two-sided sign test gives p, and the paired standard
@@ -50,16 +51,17 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="JSON written by tools/benchmark.py")
+    ap.add_argument("results", nargs="+", help="JSON written by tools/benchmark.py")
     ap.add_argument("--ref", default="float", help="the config the others are compared with")
     ap.add_argument("--vs", nargs="+", required=True)
     a = ap.parse_args(argv)
     rows = {}
-    for r in json.load(open(a.results)):
-        rows[r["config"]] = r  # a config run twice: the later run counts
+    for path in a.results:
+        for r in json.load(open(path)):
+            rows[r["config"]] = r  # a config run twice: the later run counts
     for c in [a.ref] + a.vs:
         if c not in rows:
-            raise SystemExit(f"{c!r} is not in {a.results} (has: {', '.join(rows)})")
+            raise SystemExit(f"{c!r} is not in {', '.join(a.results)} (has: {', '.join(rows)})")
     ref = hits(rows[a.ref])
     for c in a.vs:
         for k in ("val", "limit"):

@@ -11,7 +11,7 @@ error of the quantized layer outputs on calibration tokens, not fixed.
 That error rounds the weights as well (per-channel MinMax, nearest) unless GPTQ rounding follows
 at fixed bit-widths: GPTQ cuts the weights' output error to 0.35-0.39x (median, deit W4A4/W6A6),
 and scoring nearest-rounded weights held α too low. Scoring the activations alone there lowered
-the KL to float on tin_calib at 3, 4 and 6 bits on both models, or left it equal (README, "What
+the KL to float on tin_calib at 3 and 4 bits on both models and left it equal at 6 (README, "What
 was chosen"); it mostly picks the largest α of the grid. Greedy MP keeps the full score: the
 activation-only one was no better there (deit agreement fell).
 """
