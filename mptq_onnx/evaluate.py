@@ -111,7 +111,7 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
         raise MptqError(f"the model outputs {out_classes} classes but {data_dir} has {n_classes} class folders")
 
     indices = spread_indices(len(ds), limit)
-    correct1 = correct5 = images = 0
+    correct5 = images = 0
     hits = []
     infer_s = 0.0
     k = 5
@@ -133,17 +133,17 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
         # stable sort: ties rank the lower class index first, so top-1 == argmax
         top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         hits.append(top[:, 0] == y)
-        correct1 += int(hits[-1].sum())
         correct5 += int((top == y[:, None]).any(axis=1).sum())
         images += n
         n_out = logits.shape[1]
     if images == 0:
         raise MptqError(f"no images evaluated from {data_dir}")
+    hit = np.concatenate(hits)
     return EvalResult(
-        top1=correct1 / images,
+        top1=int(hit.sum()) / images,
         top5=correct5 / images if n_out >= 5 else None,
         images=images,
         images_per_s=images / infer_s if infer_s > 0 else float("inf"),
         seconds=time.perf_counter() - t_start,
-        hits=np.concatenate(hits),
+        hits=hit,
     )

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model  # noqa: E402
-from tools.specs import float_model, quant_config  # noqa: E402
+from tools.specs import conversion_config, float_model, pass_times  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,16 +34,12 @@ def main(argv=None) -> int:
     calib = load_calibration(Path(a.shared) / "data" / "tin_calib", get_preprocess(load_model(float_path)), 128,
                              progress=False)
     for spec in a.configs:
-        cfg, opts = quant_config(spec)
-        if opts:
-            raise SystemExit(f"{spec}: modifiers {opts} are for tools/fidelity.py")
-        cfg.progress = False
+        cfg = conversion_config(spec)
         t = time.perf_counter()
         ctx = convert(load_model(float_path), calib, cfg, verbose=False)
         dt = time.perf_counter() - t
-        passes = ", ".join(f"{p['pass']} {p['seconds']:.1f}" for p in ctx.report["passes"])
         digest = hashlib.sha256(ctx.model.SerializeToString()).hexdigest()[:16]
-        print(f"{a.card} {spec}: sha256 {digest}  {dt:.1f} s ({passes})", flush=True)
+        print(f"{a.card} {spec}: sha256 {digest}  {dt:.1f} s ({pass_times(ctx.report)})", flush=True)
     return 0
 
 

@@ -53,3 +53,17 @@ def quant_config(spec: str) -> tuple[QuantConfig, list[tuple[str, str]]]:
         else:
             rest.append((k, v))
     return cfg, rest
+
+
+def conversion_config(spec: str) -> QuantConfig:
+    """`quant_config` for tools that only convert: no fidelity modifiers, no progress bars."""
+    cfg, opts = quant_config(spec)
+    if opts:
+        raise SystemExit(f"{spec}: modifiers {opts} are for tools/fidelity.py")
+    cfg.progress = False
+    return cfg
+
+
+def pass_times(report: dict, digits: int = 1) -> str:
+    """'canonicalize 0.2, calibrate 1.8, ...' from a conversion report."""
+    return ", ".join(f"{p['pass']} {p['seconds']:.{digits}f}" for p in report["passes"])

@@ -25,7 +25,7 @@ from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model, save_model  # noqa: E402
 from tools.ort_baseline import ort_quantize_static  # noqa: E402
-from tools.specs import float_model, quant_config  # noqa: E402
+from tools.specs import conversion_config, float_model, pass_times  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,10 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs"))
     a = ap.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns about pre-processing each call
-    cfg, opts = quant_config(a.config)
-    if opts:
-        raise SystemExit(f"{a.config}: modifiers {opts} are for tools/fidelity.py")
-    cfg.progress = False
+    cfg = conversion_config(a.config)
     _, ort_bits, ort_method = a.ort.split(":")
     float_path = float_model(a.card, Path(a.shared), Path(a.work))
     images = load_calibration(Path(a.shared) / "data" / "tin_calib", get_preprocess(load_model(float_path)),
@@ -57,9 +54,8 @@ def main(argv=None) -> int:
             save_model(ctx.model, Path(tmp) / "ours.onnx", force=True)
             t_ours = time.perf_counter() - t
             ratios.append(t_ours / t_ort)
-            passes = ", ".join(f"{p['pass']} {p['seconds']:.2f}" for p in ctx.report["passes"])
-            print(f"{i + 1}: {a.ort} {t_ort:.2f} s, {a.config} {t_ours:.2f} s, ratio {ratios[-1]:.2f} ({passes})",
-                  flush=True)
+            print(f"{i + 1}: {a.ort} {t_ort:.2f} s, {a.config} {t_ours:.2f} s, ratio {ratios[-1]:.2f} "
+                  f"({pass_times(ctx.report, 2)})", flush=True)
     print(f"{a.card} {a.config} / {a.ort}, {a.repeat} pairs: median ratio {statistics.median(ratios):.2f}, "
           f"largest {max(ratios):.2f}")
     return 0
