@@ -286,3 +286,53 @@ def test_paired_comparison_counts_and_sign_test(tmp_path):
     f.write_text(json.dumps([row("float", a), row("q", b)]))
     np.testing.assert_array_equal(mod.hits(row("q", b)), b)
     assert mod.main([str(f), "--ref", "float", "--vs", "q"]) == 0
+
+
+# ---------------------------------------------------------------- fidelity tool
+
+def test_fidelity_holdout_leaves_out_every_calibration_image():
+    spec = importlib.util.spec_from_file_location("fidelity_under_test", REPO / "tools" / "fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from mptq_onnx.data import spread_indices
+    keep = mod.holdout_indices(1010, {128, 256, 384})
+    for n in (128, 256, 384):
+        assert not set(keep) & set(spread_indices(1010, n))
+    assert len(keep) == 1010 - len(set(spread_indices(1010, 128)) | set(spread_indices(1010, 256))
+                                   | set(spread_indices(1010, 384)))
+    assert keep == sorted(keep) and len(keep) > 400
+    assert mod.holdout_indices(10, {10}) == []
+
+
+# ---------------------------------------------------------------- trials tool
+
+def test_trials_patch_and_restore(monkeypatch):
+    from types import SimpleNamespace
+
+    from mptq_onnx.passes import attn_smooth, sqb
+    for mod, attr in ((sqb, "ROWS"), (sqb, "search_smoothing"), (attn_smooth, "search_smoothing"),
+                      (sqb, "smoothing_scale")):
+        monkeypatch.setattr(mod, attr, getattr(mod, attr))  # restored after the test
+    spec = importlib.util.spec_from_file_location("trials_under_test", REPO / "tools" / "trials.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    orig = sqb.search_smoothing
+    mod.apply("mptq_onnx.passes.sqb.ROWS=2048")
+    assert sqb.ROWS == 2048
+    for bad in ("nope", "mptq_onnx.passes.sqb.NO_SUCH=1"):
+        with pytest.raises(SystemExit):
+            mod.apply(bad)
+    rng = np.random.default_rng(0)
+    xs = (rng.standard_normal((512, 16)) * rng.uniform(0.1, 3, 16) + rng.uniform(-2, 2, 16)).astype(np.float32)
+    xs[:4] *= 6  # skewed channel ranges: mean and mid-range differ
+    st = SimpleNamespace(ch_mean=xs.mean(0), ch_min=xs.min(0), ch_max=xs.max(0))
+    ws = [rng.standard_normal((16, 8)).astype(np.float32)]
+    args = (st, xs, ws, (0.5, 0.8), ("mean", "midrange"), 4, 4, True)
+    err0, base = orig(*args)
+    mod.apply("shift-margin=0")  # no margin: the plain search's choice
+    assert sqb.search_smoothing(*args)[1][3] == base[3] and attn_smooth.search_smoothing is sqb.search_smoothing
+    mod.apply("shift-margin=1")  # the mid-range can never be 100% better: the mean whenever it beats no rescaling
+    e, best = sqb.search_smoothing(*args)
+    assert e == err0 and best[3] in ("mean", "none")
+    mod.apply("shift-only")
+    assert np.all(sqb.smoothing_scale(np.ones(3), np.ones(3), -1) == 1)

@@ -8,7 +8,10 @@ For comparing settings on calibration data (tin_calib), not on the images a READ
 Config syntax: tools/specs.py (RECIPE:BITS[:skip=..][:img=..][:FIELD=VALUE]), plus
   w8=ROLE / a8=ROLE   after the recipe ran, put that role's weights / activations back to 8 bits
                       (OPT-m's own 8-bit quantizers; recipes that ran opt-m only)
-Calibrates on 128 images of ../shared/data/tin_calib; evaluates on all of --data (default tin_calib).
+Calibrates on the config's calib_size images of ../shared/data/tin_calib (128 unless
+:calib_size=N); evaluates on all of --data (default tin_calib), or with --holdout on the tin_calib
+images that no config of the run calibrated on (the same images for every config), so that
+calibration sets of different sizes are compared on images none of them saw.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from mptq_onnx.calibrate import session  # noqa: E402
 from mptq_onnx.convert import recipe_passes  # noqa: E402
-from mptq_onnx.data import ImageFolder, iter_batches, load_calibration  # noqa: E402
+from mptq_onnx.data import ImageFolder, iter_batches, load_calibration, spread_indices  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model  # noqa: E402
 from mptq_onnx.passes.base import PassManager  # noqa: E402
 from mptq_onnx.passes.qdq import write_plan  # noqa: E402
@@ -67,6 +70,13 @@ def quantized(float_path: Path, images: np.ndarray, spec: str, cache: dict):
     return model
 
 
+def holdout_indices(n_total: int, calib_sizes) -> list[int]:
+    """Indices of an image folder that none of the calibration sets of these sizes uses
+    (`load_calibration` takes `spread_indices(n_total, n)`)."""
+    used = set().union(*(spread_indices(n_total, n) for n in calib_sizes))
+    return [i for i in range(n_total) if i not in used]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--card", required=True)
@@ -74,14 +84,25 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", required=True)
     ap.add_argument("--data", default=None, help="image folder (default ../shared/data/tin_calib)")
     ap.add_argument("--work", default=str(REPO / "runs"))
+    ap.add_argument("--holdout", action="store_true",
+                    help="evaluate on the tin_calib images outside every config's calibration set")
     a = ap.parse_args(argv)
     shared = Path(a.shared)
+    calib_dir = shared / "data" / "tin_calib"
+    if a.holdout and a.data is not None and Path(a.data).resolve() != calib_dir.resolve():
+        raise SystemExit("--holdout evaluates on tin_calib; leave out --data")
     float_path = float_model(a.card, shared, Path(a.work))
     pp = get_preprocess(load_model(float_path))
-    calib = load_calibration(shared / "data" / "tin_calib", pp, 128, progress=False)
-    ds = ImageFolder(a.data or shared / "data" / "tin_calib", pp)
-    xs, ys = zip(*iter_batches(ds, 64))
+    sizes = {quant_config(spec)[0].calib_size for spec in a.configs}
+    ds = ImageFolder(a.data or calib_dir, pp)
+    keep = None
+    if a.holdout:
+        keep = holdout_indices(len(ds), sizes)
+        if not keep:
+            raise SystemExit("--holdout: the calibration sets cover all of tin_calib")
+    xs, ys = zip(*iter_batches(ds, 64, keep))
     x, y = np.concatenate(xs), np.concatenate(ys)
+    calibs = {n: load_calibration(calib_dir, pp, n, progress=False) for n in sorted(sizes)}
 
     def logits(model):
         s = session(model)
@@ -89,10 +110,11 @@ def main(argv=None) -> int:
         return np.concatenate([s.run(None, {name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
 
     ref = logits(load_model(float_path))
-    print(f"{a.card} on {len(x)} images of {ds.root.name}: float top-1 {(ref.argmax(1) == y).mean():.4f}")
+    held = f" (held out from calibration sets of {', '.join(map(str, sorted(sizes)))})" if a.holdout else ""
+    print(f"{a.card} on {len(x)} images of {ds.root.name}{held}: float top-1 {(ref.argmax(1) == y).mean():.4f}")
     cache: dict = {}
     for spec in a.configs:
-        z = logits(quantized(float_path, calib, spec, cache))
+        z = logits(quantized(float_path, calibs[quant_config(spec)[0].calib_size], spec, cache))
         print(f"{spec:32s} KL {kl_divergence(ref, z):.4f}  agree {(z.argmax(1) == ref.argmax(1)).mean():.4f}  "
               f"top-1 {(z.argmax(1) == y).mean():.4f}", flush=True)
     return 0
