@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         raise SystemExit("--holdout evaluates on tin_calib; leave out --data")
     float_path = float_model(a.card, shared, Path(a.work))
     pp = get_preprocess(load_model(float_path))
-    sizes = {quant_config(spec)[0].calib_size for spec in a.configs}
+    calib_size = {spec: quant_config(spec)[0].calib_size for spec in a.configs}
+    sizes = set(calib_size.values())
     ds = ImageFolder(a.data or calib_dir, pp)
     keep = None
     if a.holdout:
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     print(f"{a.card} on {len(x)} images of {ds.root.name}{held}: float top-1 {(ref.argmax(1) == y).mean():.4f}")
     cache: dict = {}
     for spec in a.configs:
-        z = logits(quantized(float_path, calibs[quant_config(spec)[0].calib_size], spec, cache))
+        z = logits(quantized(float_path, calibs[calib_size[spec]], spec, cache))
         print(f"{spec:32s} KL {kl_divergence(ref, z):.4f}  agree {(z.argmax(1) == ref.argmax(1)).mean():.4f}  "
               f"top-1 {(z.argmax(1) == y).mean():.4f}", flush=True)
     return 0

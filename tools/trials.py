@@ -37,12 +37,11 @@ def _per_shift(orig, st, xs, ws, alphas, shifts, wbits, abits, weights):
     return err0, out
 
 
-def _gptq_error(xs, ws, mu, s, wbits, abits) -> float:
+def _gptq_error(xs, ws, ys, mu, s, wbits, abits) -> float:
     xq = sqb._quick_act((xs - mu) / s, abits)
     h = (xq.T @ xq).astype(np.float64)
     err = 0.0
-    for w in ws:
-        y = xs @ w
+    for w, y in zip(ws, ys):
         w2 = (w * s[:, None]).astype(np.float32)
         d = xq @ gptq_round(w2, symmetric_per_channel(w2, 1, wbits), h) + mu @ w - y
         err += float((d * d).sum() / max(float((y * y).sum()), 1e-12))
@@ -71,9 +70,9 @@ def shift_gptq():
     def make(orig):
         def search(st, xs, ws, alphas, shifts, wbits, abits, weights=True):
             err0, per = _per_shift(orig, st, xs, ws, alphas, shifts, wbits, abits, weights)
-            one = np.ones_like(st.ch_mean)
-            fin = [(_gptq_error(xs, ws, 0 * one, one, wbits, abits), None, None, "none", 0.0)]
-            fin += [(_gptq_error(xs, ws, b[1], b[2], wbits, abits),) + b[1:] for b in per.values() if b]
+            one, ys = np.ones_like(st.ch_mean), [xs @ w for w in ws]
+            fin = [(_gptq_error(xs, ws, ys, 0 * one, one, wbits, abits), None, None, "none", 0.0)]
+            fin += [(_gptq_error(xs, ws, ys, b[1], b[2], wbits, abits),) + b[1:] for b in per.values() if b]
             return err0, min(fin, key=lambda t: t[0])
         return search
     _install_search(make)
