@@ -328,7 +328,10 @@ def analyze(model: onnx.ModelProto) -> GraphInfo:
             "not a ViT/DeiT/Swin graph: found "
             f"{n_lin} Linear layers (MatMul/Gemm with a constant weight), {n_att} attention MatMuls "
             f"(Q·Kᵀ / attn·V around a Softmax) and {n_ln} LayerNormalization nodes; all three are needed "
-            "(export with `mptq-onnx export`, which keeps attention unfused)")
+            "(export with `mptq-onnx export`, which keeps attention unfused"
+            + ("; LayerNorms split into ReduceMean/Sub/Pow/Sqrt/Div by an export below opset 17 are "
+               "fused when they follow torch's pattern: re-export at opset 17 or later if yours do not"
+               if n_ln == 0 else "") + ")")
 
     ln_groups = _ln_groups(gi, sites)
     family = "swin" if any("window" in (n.name + (node_scope(n) or "")) for n in gi.graph.node) or \

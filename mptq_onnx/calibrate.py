@@ -82,7 +82,36 @@ def session(model: onnx.ModelProto, threads: int | None = None,
     if external:
         names = sorted(external)
         so.add_external_initializers(names, [external[n] for n in names])
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fixed = {i.name: i.shape[0] for i in sess.get_inputs()
+             if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+    return FixedBatchSession(sess, fixed) if fixed else sess
+
+
+class FixedBatchSession:
+    """An InferenceSession for a graph whose inputs fix their batch (e.g. exported with batch 1).
+
+    Feeds holding k times an input's fixed leading size are run in k slices and the outputs
+    joined on axis 0, so callers can batch images freely whatever the export fixed.
+    """
+
+    def __init__(self, sess: ort.InferenceSession, fixed: dict[str, int]):
+        self._sess, self._fixed = sess, fixed
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+    def run(self, output_names, feeds: dict, run_options=None):
+        k = {n: v.shape[0] // self._fixed[n] for n, v in feeds.items()
+             if n in self._fixed and np.ndim(v) and v.shape[0] != self._fixed[n] and v.shape[0] % self._fixed[n] == 0}
+        if not k or len(set(k.values())) != 1:
+            return self._sess.run(output_names, feeds, run_options)
+        parts = next(iter(k.values()))
+        outs = []
+        for j in range(parts):
+            f = {n: (v[j * self._fixed[n]:(j + 1) * self._fixed[n]] if n in k else v) for n, v in feeds.items()}
+            outs.append(self._sess.run(output_names, f, run_options))
+        return [np.concatenate(o, axis=0) for o in zip(*outs)]
 
 
 def external_placeholder(t: onnx.TensorProto) -> onnx.TensorProto:

@@ -1,9 +1,12 @@
 """The conversion pipeline: recipes are ordered lists of passes run over one Context."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 
+from .check import check_input_model, check_result, static_batch
 from .errors import MptqError
 from .passes.base import Pass, PassManager
 from .passes.attn_smooth import AttnSmooth
@@ -45,7 +48,25 @@ RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm")
 
 def convert(model: onnx.ModelProto, calib_images: np.ndarray, cfg: QuantConfig,
             verbose: bool = True) -> Context:
+    """Run the recipe's passes; the input is checked first and the result after (see check.py):
+    the result's fidelity on a few calibration images is in ``ctx.report["check"]``."""
     cfg.validate()
+    check_input_model(model)
+    b = static_batch(model)
+    if b is not None and b > 1 and len(calib_images) % b:
+        keep = len(calib_images) // b * b
+        if keep == 0:
+            raise MptqError(f"the model takes batches of exactly {b} images but only {len(calib_images)} "
+                            "calibration images were given")
+        print(f"mptq-onnx: the model takes batches of exactly {b} images: calibrating on {keep} of "
+              f"{len(calib_images)}", file=sys.stderr)
+        calib_images = calib_images[:keep]
     ctx = Context(model, cfg, calib_images)
     PassManager(recipe_passes(cfg), verbose=verbose and cfg.progress)(ctx)
+    bits = cfg.target_bits if cfg.target_bits is not None else min(cfg.wbits, cfg.abits)
+    chk = check_result(ctx.model, ctx.calib.images, ctx.calib.logits, bits)
+    ctx.report["check"] = chk.to_dict()
+    if verbose and cfg.progress:
+        print(f"[check] top-1 agreement {chk.top1_agreement:.3f}, KL {chk.kl:.4f} against float on "
+              f"{chk.images} calibration images", file=sys.stderr)
     return ctx

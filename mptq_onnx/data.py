@@ -88,6 +88,39 @@ def load_image(path: str | os.PathLike, pp: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def _file_id(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _image_files(top: Path, seen_dirs: set, seen_files: set) -> list[str]:
+    """Image files under `top`, sorted, following symlinks but visiting each real folder once
+    and listing each real file once (a symlink loop or a linked copy would repeat them forever)."""
+    listed: list[tuple[str, list[str]]] = []
+    for dirpath, dirnames, fnames in os.walk(top, followlinks=True):
+        if dirpath != str(top):
+            key = _file_id(dirpath)
+            if key in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add(key)
+        dirnames.sort()
+        listed.append((dirpath, sorted(f for f in fnames if f.lower().endswith(IMAGE_EXTS))))
+    out: list[str] = []
+    for dirpath, fnames in sorted(listed):
+        for fname in fnames:
+            path = os.path.join(dirpath, fname)
+            try:
+                fst = os.stat(path)
+            except OSError:
+                out.append(path)  # a dangling link: reading it reports the problem
+                continue
+            if (fst.st_dev, fst.st_ino) not in seen_files:
+                seen_files.add((fst.st_dev, fst.st_ino))
+                out.append(path)
+    return out
+
+
 class ImageFolder:
     """torchvision-compatible ImageFolder listing: `classes`, `class_to_idx`, `samples`."""
 
@@ -103,12 +136,14 @@ class ImageFolder:
             raise MptqError(f"{self.root} has no class sub-folders (expected ROOT/CLASS_NAME/IMAGE.jpg)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         samples: list[tuple[str, int]] = []
+        # the root and every class folder are walked only as themselves, never through a link
+        # from inside another class (whose images would get that class's label)
+        seen_dirs = {_file_id(self.root)} | {_file_id(self.root / c) for c in self.classes}
+        seen_files: set[tuple[int, int]] = set()
         for cls in self.classes:
             idx = self.class_to_idx[cls]
-            for dirpath, _, fnames in sorted(os.walk(self.root / cls, followlinks=True)):
-                for fname in sorted(fnames):
-                    if fname.lower().endswith(IMAGE_EXTS):
-                        samples.append((os.path.join(dirpath, fname), idx))
+            for path in _image_files(self.root / cls, seen_dirs, seen_files):
+                samples.append((path, idx))
         if not samples:
             raise MptqError(f"{self.root} has {len(self.classes)} class folders but no images "
                             f"({', '.join(IMAGE_EXTS)})")
@@ -259,8 +294,12 @@ def load_calibration(source: str | os.PathLike, pp: Preprocess, n: int = 128,
                             f"but the model expects {want}")
         if arr.shape[0] == 0:
             raise MptqError(f"{src} holds no calibration samples (shape {tuple(arr.shape)})")
-        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-            raise MptqError(f"calibration tensors in {src} have dtype {arr.dtype}; expected float32")
+        if not np.issubdtype(arr.dtype, np.floating):
+            hint = (" (8-bit pixels?): an array file must hold images already preprocessed as the model "
+                    "expects (RGB scaled to [0, 1], normalized by the model's mean/std, NCHW); pass an "
+                    "image folder instead to have mptq-onnx preprocess them"
+                    if np.issubdtype(arr.dtype, np.integer) else "")
+            raise MptqError(f"calibration tensors in {src} have dtype {arr.dtype}; expected float32{hint}")
         arr = np.ascontiguousarray(arr[:n], dtype=np.float32)
         if not np.isfinite(arr).all():
             raise MptqError(f"calibration tensors in {src} contain NaN or infinite values")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnxruntime as ort
 
 from .data import ImageFolder, iter_batches, spread_indices
 from .errors import MptqError
-from .modelio import Preprocess, get_preprocess, load_model
+from .modelio import Preprocess, get_metadata, get_preprocess, load_model
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -69,6 +70,34 @@ class EvalResult:
                 f"({self.images_per_s:.1f} img/s inference, {self.seconds:.1f} s total)")
 
 
+def folder_labels(model: onnx.ModelProto, folders: list[str], data_dir) -> np.ndarray:
+    """The model's class index for each class folder (in ImageFolder's sorted order).
+
+    With class names in the model (`export` stores them where the card lists them) each folder
+    is looked up by name, so a subset of the classes is scored correctly and a foreign folder is
+    an error; with only a class count, the folders must be exactly that many (ImageFolder numbers
+    them by position, so any other count would pair images with the wrong labels).
+    """
+    from .export import CLASS_NAMES_KEY, NUM_CLASSES_KEY
+
+    raw = get_metadata(model, CLASS_NAMES_KEY)
+    names = json.loads(raw) if raw else None
+    if names:
+        index = {n: i for i, n in enumerate(names)}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            raise MptqError(f"{len(unknown)} of the {len(folders)} class folders in {data_dir} are not classes of "
+                            f"this model (e.g. {unknown[0]!r}; the model's classes are e.g. "
+                            f"{', '.join(repr(n) for n in names[:3])}): wrong data folder, or renamed folders")
+        return np.asarray([index[f] for f in folders], dtype=np.int64)
+    n = get_metadata(model, NUM_CLASSES_KEY)
+    if n and n.isdigit() and int(n) > 0 and int(n) != len(folders):
+        raise MptqError(f"{data_dir} has {len(folders)} class folders but the model has {n} classes; images "
+                        "are labelled by the position of their folder in sorted order, so every class folder "
+                        "must be there (re-export with class names to score a subset)")
+    return np.arange(len(folders), dtype=np.int64)
+
+
 def _static(d) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
@@ -84,8 +113,8 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
     t_start = time.perf_counter()
     if batch_size < 1:
         raise MptqError(f"batch size must be at least 1, got {batch_size}")
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external=False)
     if preprocess is None:
-        proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external=False)
         preprocess = get_preprocess(proto)
     sess = make_session(model, threads=threads)
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
@@ -109,14 +138,16 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
     out_classes = _static(out.shape[-1]) if out.shape else None
     if out_classes is not None and out_classes < n_classes:
         raise MptqError(f"the model outputs {out_classes} classes but {data_dir} has {n_classes} class folders")
+    label_of = folder_labels(proto, ds.classes, data_dir)
 
     indices = spread_indices(len(ds), limit)
     correct5 = images = 0
     hits = []
     infer_s = 0.0
     k = 5
-    n_out = 0
+    n_out = n_bad = 0
     for x, y in iter_batches(ds, batch_size, indices, progress="eval" if progress else None):
+        y = label_of[y]
         n = x.shape[0]
         if fixed_batch is not None and n < fixed_batch:
             x = np.concatenate([x, np.repeat(x[-1:], fixed_batch - n, axis=0)])
@@ -130,6 +161,7 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
         if logits.shape[1] < n_classes:
             raise MptqError(f"the model outputs {logits.shape[1]} classes but {data_dir} has "
                             f"{n_classes} class folders")
+        n_bad += int((~np.isfinite(logits)).any(axis=1).sum())
         # stable sort: ties rank the lower class index first, so top-1 == argmax
         top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         hits.append(top[:, 0] == y)
@@ -138,6 +170,9 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
         n_out = logits.shape[1]
     if images == 0:
         raise MptqError(f"no images evaluated from {data_dir}")
+    if n_bad:
+        raise MptqError(f"the model output NaN/Inf logits for {n_bad} of {images} images: it is broken, "
+                        "so no accuracy is reported")
     hit = np.concatenate(hits)
     return EvalResult(
         top1=int(hit.sum()) / images,

@@ -41,6 +41,7 @@ from .modelio import Preprocess, save_model, set_metadata, set_preprocess
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_KEY = "mptq.source"
 NUM_CLASSES_KEY = "mptq.num_classes"
+CLASS_NAMES_KEY = "mptq.class_names"  # JSON list: the ImageFolder folder name of each output index
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = 21
 # node metadata the dynamo exporter writes that we drop: absolute file paths, differs per machine
@@ -144,6 +145,7 @@ class BuiltModel:
     source: str  # timm name or card name (never an absolute path: it goes into the file)
     num_classes: int
     weights: str  # "random (seed N)", "pretrained", or the checkpoint file name
+    class_names: list[str] | None = None  # folder name (e.g. wnid) of each class, where the card lists them
 
 
 def _timm_class(timm, name: str):
@@ -295,6 +297,7 @@ def build_model(source: str, *, pretrained: bool = False, checkpoint=None, cards
             pp.input_size = (pp.input_size[0], *_img_size_tuple(img_size))
         name = str(card.get("name", card_path.stem))
         weights_label = weights.name
+        class_names = _card_classes(card, card_path, int(kwargs.get("num_classes", 0) or 0))
     else:
         if _looks_like_path(source):
             raise MptqError(f"model card not found: {source}")
@@ -325,12 +328,38 @@ def build_model(source: str, *, pretrained: bool = False, checkpoint=None, cards
         if img_size is not None:
             pp.input_size = (pp.input_size[0], *_img_size_tuple(img_size))
         name = source
+        class_names = None
         weights_label = (Path(checkpoint).name if checkpoint is not None
                          else "pretrained" if pretrained else f"random (seed {seed})")
 
     _prepare(model)
     n_cls = int(getattr(model, "num_classes", 0) or 0)
-    return BuiltModel(module=model, preprocess=pp, source=name, num_classes=n_cls, weights=weights_label)
+    if class_names is not None and len(class_names) != n_cls:
+        class_names = None
+    return BuiltModel(module=model, preprocess=pp, source=name, num_classes=n_cls, weights=weights_label,
+                      class_names=class_names)
+
+
+def _card_classes(card: dict, card_path: Path, n: int) -> list[str] | None:
+    """Class folder names from the card: a `classes` list, or a `class_list` TSV (index, name, ...)
+    found beside the card or one folder up. None when absent or not `n` long."""
+    if isinstance(card.get("classes"), list):
+        names = [str(c) for c in card["classes"]]
+        return names if len(names) == n else None
+    ref = str(card.get("class_list") or "").split(" ")[0]
+    if not ref:
+        return None
+    for base in (card_path.parent, card_path.parent.parent):
+        f = base / ref
+        if f.is_file():
+            rows = [ln.split("\t") for ln in f.read_text().splitlines() if ln.strip()]
+            try:
+                by_index = {int(r[0]): r[1].strip() for r in rows if len(r) >= 2}
+            except ValueError:
+                return None
+            names = [by_index.get(i) for i in range(n)]
+            return names if all(names) and len(by_index) == n else None
+    return None
 
 
 # --------------------------------------------------------------------------- exporting
@@ -487,6 +516,8 @@ def to_onnx(built: BuiltModel, *, exporter: str = "dynamo", opset: int = DEFAULT
     set_preprocess(proto, built.preprocess)
     set_metadata(proto, SOURCE_KEY, built.source)
     set_metadata(proto, NUM_CLASSES_KEY, str(built.num_classes))
+    if built.class_names:
+        set_metadata(proto, CLASS_NAMES_KEY, json.dumps(built.class_names))
     return proto
 
 

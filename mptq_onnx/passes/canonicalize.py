@@ -1,11 +1,12 @@
 """Canonicalize: opset 21 (INT4 QuantizeLinear/DequantizeLinear), named nodes, no dead code."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import MptqError
-from ..graph import copy_node_metadata
+from ..graph import GraphIndex, attr, copy_node_metadata
 from ..plan import Context
 from .base import Pass, PassResult
 
@@ -29,12 +30,20 @@ def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
         try:
             model = onnx.version_converter.convert_version(model, TARGET_OPSET)
         except Exception:
-            # the ops of exported ViTs keep their semantics from opset 17 to 21; the converter
-            # only fails on adapters it lacks, so the import can be raised in place
-            for o in model.opset_import:
-                if o.domain in ("", "ai.onnx"):
-                    o.version = TARGET_OPSET
+            # the converter fails on adapters it lacks; raising the import in place is right only
+            # where every op means the same at 21 (bump_opset checks that)
+            from ..export import bump_opset
+            try:
+                model = bump_opset(model, TARGET_OPSET)
+            except MptqError as e:
+                raise MptqError(f"{e}; re-export the model at opset 17 or later (`mptq-onnx export`, or "
+                                "torch.onnx.export(..., opset_version=17))") from None
         done.append(f"opset {ver}->{TARGET_OPSET}")
+    copy_node_metadata(src_nodes, list(model.graph.node))  # before fusing: the LN takes its scope
+    n_ln = fuse_layernorm(model)
+    if n_ln:
+        done.append(f"fused {n_ln} decomposed LayerNorms")
+        src_nodes = list(model.graph.node)
     if model.ir_version < 10:
         model.ir_version = 10  # INT4 tensors need IR 10
     graph = gs.import_onnx(model)
@@ -59,6 +68,131 @@ def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
     return new, done
 
 
+def _axes_last(gi: GraphIndex, node: onnx.NodeProto, x: str) -> bool:
+    """Whether a ReduceMean reduces exactly the last axis of `x` and keeps dims."""
+    if attr(node, "keepdims", 1) != 1:
+        return False
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        c = gi.const(node.input[1])
+        axes = None if c is None else c.reshape(-1).tolist()
+    rank = gi.rank(x)
+    return axes is not None and len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+
+
+def _scalar(gi: GraphIndex, name: str) -> float | None:
+    c = gi.const(name)
+    return float(c.reshape(-1)[0]) if c is not None and c.size == 1 else None
+
+
+def _only(gi: GraphIndex, tensor: str, op: str) -> onnx.NodeProto | None:
+    cons = gi.consumers.get(tensor, [])
+    return cons[0] if len(cons) == 1 and cons[0].op_type == op and tensor not in gi.graph_outputs else None
+
+
+def _other(node: onnx.NodeProto, x: str) -> str | None:
+    rest = [i for i in node.input if i != x]
+    return rest[0] if len(rest) == 1 else None
+
+
+def _match_layernorm(gi: GraphIndex, m1: onnx.NodeProto):
+    """The nodes, γ, β, ε and output of x -> (x - mean) / sqrt(var + ε) [* γ] [+ β] starting at m1."""
+    x = m1.input[0]
+    if not _axes_last(gi, m1, x):
+        return None
+    sub = _only(gi, m1.output[0], "Sub")
+    if sub is None or list(sub.input) != [x, m1.output[0]]:
+        return None
+    d = sub.output[0]
+    cons = gi.consumers.get(d, [])
+    sq = [c for c in cons if (c.op_type == "Pow" and c.input[0] == d and _scalar(gi, c.input[1]) == 2.0)
+          or (c.op_type == "Mul" and list(c.input) == [d, d])]
+    div = [c for c in cons if c.op_type == "Div" and c.input[0] == d]
+    if len(cons) != 2 or len(sq) != 1 or len(div) != 1 or d in gi.graph_outputs:
+        return None
+    m2 = _only(gi, sq[0].output[0], "ReduceMean")
+    if m2 is None or not _axes_last(gi, m2, sq[0].output[0]):
+        return None
+    add = _only(gi, m2.output[0], "Add")
+    eps = None if add is None else _scalar(gi, _other(add, m2.output[0]) or "")
+    sqrt = None if add is None else _only(gi, add.output[0], "Sqrt")
+    if eps is None or sqrt is None or div[0].input[1] != sqrt.output[0] or len(gi.consumers[sqrt.output[0]]) != 1:
+        return None
+    nodes = [m1, sub, sq[0], m2, add, sqrt, div[0]]
+    out, gamma, beta = div[0].output[0], None, None
+    mul = _only(gi, out, "Mul")
+    if mul is not None and gi.is_const(_other(mul, out) or ""):
+        gamma, out = _other(mul, out), mul.output[0]
+        nodes.append(mul)
+    badd = _only(gi, out, "Add")
+    if badd is not None and gi.is_const(_other(badd, out) or ""):
+        beta, out = _other(badd, out), badd.output[0]
+        nodes.append(badd)
+    return nodes, gamma, beta, eps, out
+
+
+def fuse_layernorm(model: onnx.ModelProto) -> int:
+    """Replace LayerNorms that an export below opset 17 split into ReduceMean/Sub/Pow/Sqrt/Div
+    (and Mul γ, Add β) by LayerNormalization nodes, in place; returns how many."""
+    if not any(n.op_type == "ReduceMean" for n in model.graph.node):
+        return 0
+    gi = GraphIndex(model)
+    try:  # shapes only: rank and width of the normalized tensor
+        gi.shapes.update(GraphIndex(onnx.shape_inference.infer_shapes(model)).shapes)
+    except Exception:
+        pass
+    found = []
+    for n in model.graph.node:
+        if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx"):
+            m = _match_layernorm(gi, n)
+            if m is not None:
+                found.append(m)
+    if not found:
+        return 0
+    drop, new_inits = set(), []
+    replace: dict[str, onnx.NodeProto] = {}
+    for nodes, gamma, beta, eps, out in found:
+        m1 = nodes[0]
+        x = m1.input[0]
+        if gamma is None or beta is None:
+            c = gi.last_dim(x)
+            if not isinstance(c, int):
+                continue
+            if gamma is None:
+                gamma = f"{m1.name}_ln_gamma"
+                new_inits.append(onnx.numpy_helper.from_array(np.ones(c, np.float32), gamma))
+            if beta is None:
+                beta = f"{m1.name}_ln_beta"
+                new_inits.append(onnx.numpy_helper.from_array(np.zeros(c, np.float32), beta))
+        base = m1.name.rsplit("/", 1)[0] + "/LayerNormalization" if "/" in m1.name else f"{m1.name}_LayerNorm"
+        ln = onnx.helper.make_node("LayerNormalization", [x, gamma, beta], [out], name=base, axis=-1,
+                                   epsilon=eps)
+        ln.metadata_props.extend(m1.metadata_props)
+        drop.update(id(k) for k in nodes)
+        replace[id(nodes[-1])] = ln
+    kept = []
+    for n in model.graph.node:
+        if id(n) in replace:
+            kept.append(replace[id(n)])
+        elif id(n) not in drop:
+            kept.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.graph.initializer.extend(new_inits)
+    return len(replace)
+
+
+def check_skip(info, skip: tuple[str, ...]) -> None:
+    """Every --skip entry must name a site or a role: a typo would quietly quantize the layer."""
+    names = {s.name for s in info.sites}
+    roles = sorted({s.role for s in info.sites})
+    bad = [k for k in skip if k not in names and k not in roles]
+    if bad:
+        raise MptqError(f"--skip {bad[0]!r} matches no site or role of this model; roles: {', '.join(roles)}; "
+                        f"sites are named like {info.sites[min(1, len(info.sites) - 1)].name!r} "
+                        "(`mptq-onnx inspect MODEL` lists them)")
+
+
 class Canonicalize(Pass):
     name = "canonicalize"
 
@@ -66,5 +200,6 @@ class Canonicalize(Pass):
         ctx.model, done = canonicalize_model(ctx.model)
         ctx.invalidate()
         info = ctx.info
+        check_skip(info, ctx.config.skip_sites)
         return PassResult(ctx, bool(done), f"{info.family}: {len(info.sites)} sites ({info.summary()})"
                           + (f"; {', '.join(done)}" if done else ""))
