@@ -246,3 +246,33 @@ def test_skip_that_matches_nothing_is_an_error(tmp_path, model, capsys):
     assert rc == 2 and "'haed' matches no site or role" in err and "head" in err and not out.exists()
     rc, out = _convert(tmp_path, model, "--skip", "head")
     assert rc == 0
+
+
+@pytest.mark.needs_torch
+def test_real_opset16_export_converts(tmp_path, capsys):
+    """torch's TorchScript exporter at opset 16 splits LayerNorm; the split form is fused back."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    import io
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10).eval()
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    buf = io.BytesIO()
+    torch.onnx.export(m, (torch.randn(1, 3, 32, 32),), buf, dynamo=False, opset_version=16,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    src = tmp_path / "op16.onnx"
+    src.write_bytes(buf.getvalue())
+    assert not any(n.op_type == "LayerNormalization" for n in onnx.load(str(src)).graph.node)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    rc = main(["convert", str(src), "--calib", str(tmp_path / "calib.npy"), "-o", str(out), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert "fused 5 decomposed LayerNorms" in rep["passes"][0]["summary"]
+    assert rep["check"]["top1_agreement"] == 1.0
