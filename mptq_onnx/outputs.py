@@ -151,7 +151,7 @@ def plan_outputs(inputs: Mapping[str, object], outputs: Mapping[str, object], fo
         seen[label] = p
     created = []
     for label, p in outs.items():
-        if (c := _check_folder(label, p, log)) is not None:
+        if (c := _check_folder(label, final_path(p), log)) is not None:
             created.append(c)
     return OutputPlan(tuple(outs.values()), force, tuple(created))
 

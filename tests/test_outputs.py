@@ -323,6 +323,13 @@ def test_save_model_matches_onnx_bytes(embedded_onnx, tmp_path):
     assert (tmp_path / "a.onnx").read_bytes() == m.SerializeToString()
     with pytest.raises(MptqError, match="exists"):
         save_model(m, tmp_path / "a.onnx")
+    # a symlinked output is written through, as opening it would, and stays a link
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "b.onnx").write_bytes(OLD)
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "real" / "b.onnx")
+    save_model(m, tmp_path / "link.onnx", force=True)
+    assert (tmp_path / "link.onnx").is_symlink() and (tmp_path / "real" / "b.onnx").read_bytes() == m.SerializeToString()
+    assert _temps(tmp_path) == [] and _temps(tmp_path / "real") == []
 
 
 def test_staging_error_discards_everything(tmp_path):
