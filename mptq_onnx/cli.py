@@ -44,24 +44,26 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     from .convert import convert
     from .data import load_calibration
     from .modelio import get_preprocess, save_model
+    from .outputs import plan_outputs
 
-    if output.exists() and not force:
-        raise MptqError(f"{output} exists; pass --force to overwrite it")
-    if model_path is not None and output.resolve() == model_path.resolve():
-        raise MptqError("the output path is the input model; choose another -o")
+    rp = report_path or output.with_suffix(".report.json")
+    calib_file = Path(calib) if Path(calib).is_file() else None
+    # all output paths checked (and missing folders made) before the conversion, not after it
+    plan = plan_outputs({"input model": model_path, "--calib file": calib_file}, {"output": output, "report": rp},
+                        force, may_write={"external data": output.with_name(output.name + ".data")})
     pp = get_preprocess(model)
     t0 = time.perf_counter()
     images = load_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)
     t_load = time.perf_counter() - t0
     ctx = convert(model, images, cfg)
-    save_model(ctx.model, output, force=force)
-    report = {"input": str(model_path) if model_path else "embedded:deit_tiny_tin", "output": str(output),
-              "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
-              "image_load_seconds": round(t_load, 3),
-              "total_seconds": round(time.perf_counter() - t0, 3), **ctx.report}
-    report.pop("act_sizes", None)
-    rp = report_path or output.with_suffix(".report.json")
-    rp.write_text(json.dumps(report, indent=1, sort_keys=True, default=float))
+    with plan.staging() as st:  # the model, then the report, land together at the end of the block
+        save_model(ctx.model, output, staging=st)
+        report = {"input": str(model_path) if model_path else "embedded:deit_tiny_tin", "output": str(output),
+                  "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+                  "image_load_seconds": round(t_load, 3),
+                  "total_seconds": round(time.perf_counter() - t0, 3), **ctx.report}
+        report.pop("act_sizes", None)
+        st.write_bytes(rp, json.dumps(report, indent=1, sort_keys=True, default=float).encode())
     print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) and {rp}", file=sys.stderr)
     return ctx, report
 
@@ -126,9 +128,8 @@ def cmd_demo(a) -> int:
     cfg = _config(a)
     model = load_embedded_model()
     out_dir = Path(a.out_dir) if a.out_dir else Path(tempfile.mkdtemp(prefix="mptq_demo_"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / (default_output(Path("deit_tiny_tin.onnx"), cfg).name)
-    run_convert(None, model, embedded_calib_dir(), cfg, out, True, None)
+    run_convert(None, model, embedded_calib_dir(), cfg, out, a.force or not a.out_dir, None)
     val = embedded_val_dir()
     f = evaluate(model, val, progress=not a.quiet)
     q = evaluate(out, val, progress=not a.quiet)
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="convert and evaluate the embedded deit_tiny_tin (no data or network needed)")
     p.add_argument("--out-dir", help="where to write the quantized model (default: a temp dir)")
+    p.add_argument("--force", action="store_true", help="overwrite the model and report in --out-dir")
     _add_quant_args(p)
     p.set_defaults(fn=cmd_demo)
     return ap

@@ -37,6 +37,7 @@ import onnx
 from .errors import MptqError
 from .graph import copy_node_metadata
 from .modelio import Preprocess, save_model, set_metadata, set_preprocess
+from .outputs import to_stderr, plan_outputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_KEY = "mptq.source"
@@ -563,10 +564,12 @@ def export_model(source: str, output, *, pretrained: bool = False, checkpoint=No
     two random inputs are compared with torch's and a cosine below 0.999 is an error.
     """
     out = Path(output)
-    if out.is_dir():
-        raise MptqError(f"{out} is a directory: give the path of the .onnx file to write")
-    if out.exists() and not force:
-        raise MptqError(f"{out} exists; pass --force to overwrite it")
+    card = find_card(source, cards_dir)
+    # checked before the minutes of building and exporting; never the card, its weights or the checkpoint
+    plan_outputs({"checkpoint": checkpoint, "model card": card,
+                  "card's weights": _card_weights(card, cards_dir) if card is not None else None},
+                 {"output": out}, force, log=to_stderr if log else None,
+                 may_write={"external data": out.with_name(out.name + ".data")})
     built = build_model(source, pretrained=pretrained, checkpoint=checkpoint, cards_dir=cards_dir,
                         img_size=img_size, num_classes=num_classes, seed=seed)
     proto = to_onnx(built, exporter=exporter, opset=opset)
@@ -576,7 +579,7 @@ def export_model(source: str, output, *, pretrained: bool = False, checkpoint=No
             log(f"verified {built.source} against torch: {v}")
         if not np.isfinite(v.cosine) or v.cosine < 0.999:
             raise MptqError(f"the ONNX export of {built.source} does not match torch ({v})")
-    save_model(proto, out, force=True)
+    save_model(proto, out, force=force)
     if log:
         log(f"wrote {out} (opset {opset}, weights: {built.weights})")
     return out

@@ -53,21 +53,41 @@ def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.Mode
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, force: bool = False) -> Path:
-    """Write a model; files above protobuf's 2 GiB limit get their tensors in `<name>.data`."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, force: bool = False, staging=None) -> Path:
+    """Write a model; files above protobuf's 2 GiB limit get their tensors in `<name>.data`.
+
+    The file appears whole or not at all (temp file + rename, see outputs.py). With `staging` (an
+    outputs.Staging) the model is only staged and lands when that Staging commits, together with
+    the other files of the run; the caller has then checked the paths with outputs.plan_outputs.
+    """
+    from .outputs import Staging, final_path, plan_outputs
+
     p = Path(path)
-    if p.exists() and not force:
-        raise MptqError(f"{p} exists; pass --force to overwrite it")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > _EXTERNAL_THRESHOLD:
-        data_name = p.name + ".data"
-        if (p.parent / data_name).exists():
-            (p.parent / data_name).unlink()  # save_model appends to an existing data file
-        onnx.save_model(model, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+    external = model.ByteSize() > _EXTERNAL_THRESHOLD
+    if staging is None:
+        plan_outputs({}, {"model": p, "external data": _data_path(p) if external else None}, force, log=None)
+        with Staging(force) as st:
+            _stage_model(model, final_path(p), external, st)
     else:
-        onnx.save_model(model, str(p))
+        _stage_model(model, final_path(p), external, staging)
     return p
+
+
+def _data_path(p: Path) -> Path:
+    return p.with_name(p.name + ".data")
+
+
+def _stage_model(model: onnx.ModelProto, p: Path, external: bool, st) -> None:
+    if external:
+        # onnx writes the data file beside the model under its final name: stage both in a temp folder
+        folder = st.temp_folder(p)
+        data_name = _data_path(p).name
+        onnx.save_model(model, str(folder / p.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        st.add(folder / data_name, p.parent / data_name)  # data first: the model never names a missing file
+        st.add(folder / p.name, p)
+    else:
+        onnx.save_model(model, str(st.temp_for(p)))
 
 
 def get_metadata(model: onnx.ModelProto, key: str) -> str | None:
