@@ -45,6 +45,7 @@ class Case:
     setup: Callable[[Path], list[str]]  # builds inputs in the folder, returns the CLI arguments
     expect_rc: int = 2
     timeout: int = 300
+    outputs: tuple[str, ...] = ("out.onnx", "out.report.json")  # what a successful run writes
 
 
 def _model(d: Path, name: str = "model.onnx", edit=None) -> Path:
@@ -177,6 +178,9 @@ CASES = [
         str((d / "r.json").write_text("{}") and d / "r.json")]),
     Case("-o under a regular file", lambda d: [
         "convert", str(_model(d)), *_calib_args(d), "-o", str((d / "f").write_text("x") and d / "f" / "out.onnx")]),
+    Case("--report in a folder that does not exist (created)", lambda d: [
+        "convert", str(_model(d)), *_calib_args(d), "-o", str(d / "out.onnx"), "--report", str(d / "new" / "r.json")],
+        expect_rc=0, outputs=("out.onnx", "new/r.json")),
     Case("eval: 5 of the 202 class folders", lambda d: [
         "eval", str(_model(d)), "--data", str(_folder(d, "five", 5, embedded_val_dir())), "-q"]),
     Case("eval: model outputs NaN logits", lambda d: [
@@ -222,12 +226,14 @@ def run_case(case: Case) -> dict:
         after = _snapshot(d)
         intact = all(after.get(k) == v for k, v in before.items())
         new = sorted(set(after) - set(before))
-        expected = {"out.onnx", "out.report.json"} if rc == 0 else set()
+        expected = set(case.outputs) if rc == 0 else set()
         partial = [n for n in new if n not in expected]
         lines = [ln for ln in err.splitlines() if ln.startswith("mptq-onnx:") or "Traceback" in ln]
         answer = next((ln for ln in lines if "error" in ln), lines[0] if lines else (err.strip().splitlines() or [""])[-1])
         if rc == 0:
-            answer = "converted" if args[0] == "convert" else "evaluated"
+            said = [ln.replace("mptq-onnx: ", "") for ln in lines]
+            answer = ("converted" if args[0] == "convert" else "evaluated") + (f" ({'; '.join(said)})" if said else "")
+        answer = answer.replace(str(d), "DIR")
         return {"case": case.name, "answer": answer.replace("mptq-onnx: error: ", ""), "exit": rc,
                 "expected_exit": case.expect_rc, "inputs_intact": intact, "left_behind": partial,
                 "traceback": "Traceback" in err, "seconds": round(secs, 1)}
