@@ -140,6 +140,19 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_deploy(a) -> int:
+    from .deploy import DeployConfig, deploy_file, report_path
+    cfg = DeployConfig(w4=a.w4, accuracy_level=a.accuracy_level, block_size=a.block_size, verify=not a.no_verify)
+    rep = deploy_file(a.model, a.output, cfg, force=a.force)
+    if not a.quiet:
+        print(rep.table(), file=sys.stderr)
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    out = Path(rep.output)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {report_path(out)}", file=sys.stderr)
+    return 0
+
+
 def _add_quant_args(p):
     p.add_argument("--recipe", default="uniform",
                    help="uniform | mptq | mptq-paper | sqb | optm (default: uniform); see the README's recipe table")
@@ -203,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--netron", action="store_true", help="serve it in Netron (pip install netron)")
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("deploy", help="lower a converted model to onnxruntime's integer and 4-bit kernels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  mptq-onnx deploy deit.mptq_w4a8.onnx -o deit.w4a8.deploy.onnx\n"
+                              "prints a per-layer table (form, kernel onnxruntime chose) and writes "
+                              "<output>.report.json")
+    p.add_argument("model", help="a model written by `mptq-onnx convert`")
+    p.add_argument("-o", "--output", help="default: <model>.deploy.onnx beside the input")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.add_argument("--w4", choices=["nbits", "int8"], default="nbits",
+                   help="4-bit weights: MatMulNBits (default, 4-bit file) or int8 integer kernels (exact, 8-bit file)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[1, 4],
+                   help="MatMulNBits accuracy_level: 4 (default) int8 input blocks, fast, not the simulation's "
+                        "arithmetic; 1 float32, exact")
+    p.add_argument("--block-size", type=int, default=0, help="MatMulNBits block size (default: largest of 128..16 dividing K)")
+    p.add_argument("--no-verify", action="store_true", help="skip reading back onnxruntime's optimized graph")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-layer table")
+    p.set_defaults(fn=cmd_deploy)
 
     p = sub.add_parser("demo", help="convert and evaluate the embedded deit_tiny_tin (no data or network needed)")
     p.add_argument("--out-dir", help="where to write the quantized model (default: a temp dir)")
