@@ -45,8 +45,9 @@ def _float_top1(rows):
 
 def _setup(rows) -> str:
     r = rows[0]
-    return (f"{r['images']} images of {r.get('val', 'tin_val_dev')}, {r['calib_images']} calibration images "
-            f"from tin_calib")
+    subset = f" (evenly spread subset, --limit {r['limit']})" if r.get("limit") else ""
+    return (f"{r['images']} images of {r.get('val', 'tin_val_dev')}{subset}, {r['calib_images']} calibration "
+            f"images from tin_calib")
 
 
 def card_table(card: str, rows: list[dict]) -> str:
@@ -119,7 +120,7 @@ def plot(cards, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("model file size, MB (log scale; 3, 5 and 6 bits are stored in 8-bit containers)")
         ax.set_ylabel("top-1 on tin_val_dev")
-        ax.set_title(f"{card}: {_setup(rows)}", fontsize=9)
+        ax.set_title(f"{card}: top-1 on {rows[0]['images']} tin_val_dev images", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
