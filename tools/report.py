@@ -115,7 +115,8 @@ def plot(cards, path: Path) -> None:
                        label=None if key in seen else name)
             seen.add(key)
             if key != "float":
-                ax.annotate(f"{'W' if key != 'mptq-mp' else ''}{parts[1]}", (r["size_mb"], r["top1"]),
+                tag = f"{parts[1]} bits avg" if key == "mptq-mp" else f"W{parts[1]}A{parts[1]}"
+                ax.annotate(tag, (r["size_mb"], r["top1"]),
                             textcoords="offset points", xytext=(6, -3), fontsize=7, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("model file size, MB (log scale; 3, 5 and 6 bits are stored in 8-bit containers)")
