@@ -167,35 +167,73 @@ def _add_quant_args(p):
                    help="bits of the image input of the first layer (default 8: pixels are 8-bit data; RepQ-ViT "
                         "quantizes it at 8 bits, I&S-ViT not at all); 'abits' quantizes it like every activation")
     p.add_argument("--calib-size", type=int, default=128, help="calibration images (default 128)")
-    p.add_argument("--act-method", default="mse", help="uniform recipe: minmax | mse")
-    p.add_argument("--weight-method", default="mse", help="uniform recipe: minmax | mse")
+    p.add_argument("--act-method", default="mse", help="uniform recipe: minmax | mse (default mse)")
+    p.add_argument("--weight-method", default="mse", help="uniform recipe: minmax | mse (default mse)")
     p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
                    help="weight rounding after the scales are chosen: nearest, or gptq (error compensation "
                         "through the layer's input Hessian; needs opt-m). Default: gptq in mptq, else nearest")
-    p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head; names as in inspect)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration row samples and the searches' subsamples (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")
 
 
+_EXAMPLES = {
+    "mptq-onnx": """example:
+  mptq-onnx export deit_tiny_patch16_224 -o deit.onnx
+  mptq-onnx convert deit.onnx --calib calib_images/ --recipe mptq --wbits 4 --abits 4 -o deit.w4a4.onnx
+  mptq-onnx eval deit.w4a4.onnx --data val_images/
+run 'mptq-onnx COMMAND -h' for each command's options and examples""",
+    "export": """examples:
+  mptq-onnx export deit_tiny_patch16_224 -o deit.onnx                 # timm model, random weights
+  mptq-onnx export vit_base_patch16_224 --checkpoint vit.safetensors -o vit.onnx
+  mptq-onnx export ../shared/models/deit_tiny_tin.json -o deit_tin.onnx   # a model card""",
+    "convert": """examples:
+  mptq-onnx convert deit.onnx --calib calib_images/ --recipe mptq --wbits 4 --abits 4 -o deit.w4a4.onnx
+  mptq-onnx convert deit.onnx --calib calib_images/ --recipe mptq --target-bits 5   # Greedy MP
+  mptq-onnx convert deit.onnx --calib calib.npy                                      # uniform W8A8""",
+    "eval": """examples:
+  mptq-onnx eval deit.w4a4.onnx --data val_images/
+  mptq-onnx eval deit.w4a4.onnx --data val_images/ --limit 500 --json""",
+    "inspect": """examples:
+  mptq-onnx inspect deit.w4a4.onnx
+  mptq-onnx inspect deit.w4a4.onnx --netron""",
+    "deploy": """examples:
+  mptq-onnx deploy deit.mptq_w4a8.onnx -o deit.w4a8.deploy.onnx
+  mptq-onnx deploy deit.mptq_w4a8.onnx --accuracy-level 1    # 4-bit weights, float32 arithmetic
+prints a per-layer table (form, kernel onnxruntime chose) and writes <output>.report.json""",
+    "demo": """examples:
+  mptq-onnx demo --recipe mptq --wbits 4 --abits 4
+  mptq-onnx demo --recipe mptq --target-bits 5 --out-dir demo_out/""",
+}
+
+
+def _help(cmd: str) -> dict:
+    """A subcommand's example epilog, kept verbatim by the formatter."""
+    return {"epilog": _EXAMPLES[cmd], "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mptq-onnx", description=__doc__)
+    ap = argparse.ArgumentParser(prog="mptq-onnx", description=__doc__, epilog=_EXAMPLES["mptq-onnx"],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("export", help="export a timm model or a model card to ONNX")
+    p = sub.add_parser("export", help="export a timm model or a model card to ONNX", **_help("export"))
     p.add_argument("name", help="timm model name, model card name, or card .json path")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
     p.add_argument("--checkpoint", help="state dict to load (.safetensors, .pth)")
-    p.add_argument("--cards-dir", help="where to look for model cards")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
+    p.add_argument("--cards-dir", help="where to look for model cards (default: the repo's models/cards, then ../shared/models)")
+    p.add_argument("--img-size", type=int, help="input resolution (default: the model's or card's own)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's or card's own)")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
+                   help="torch.onnx exporter (default dynamo)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("convert", help="quantize an ONNX ViT (writes QDQ ONNX and a JSON report)")
-    p.add_argument("model")
+    p = sub.add_parser("convert", help="quantize an ONNX ViT (writes QDQ ONNX and a JSON report)", **_help("convert"))
+    p.add_argument("model", help="float ONNX model (from mptq-onnx export)")
     p.add_argument("--calib", help="calibration images: ImageFolder dir or .npy/.npz")
     p.add_argument("-o", "--output", help="default: beside the input, with a suffix")
     p.add_argument("--report", help="JSON report path (default: <output>.report.json)")
@@ -203,25 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(p)
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("eval", help="top-1/top-5 of an ONNX classifier on an ImageFolder")
-    p.add_argument("model")
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("eval", help="top-1/top-5 of an ONNX classifier on an ImageFolder", **_help("eval"))
+    p.add_argument("model", help="ONNX model, float or quantized")
+    p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
     p.add_argument("--limit", type=int, help="evaluate an evenly spread subset of this many images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime run (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("inspect", help="per-layer table of a (quantized) model")
-    p.add_argument("model")
+    p = sub.add_parser("inspect", help="per-layer table of a (quantized) model", **_help("inspect"))
+    p.add_argument("model", help="ONNX model, float or quantized")
     p.add_argument("--netron", action="store_true", help="serve it in Netron (pip install netron)")
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("deploy", help="lower a converted model to onnxruntime's integer and 4-bit kernels",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  mptq-onnx deploy deit.mptq_w4a8.onnx -o deit.w4a8.deploy.onnx\n"
-                              "prints a per-layer table (form, kernel onnxruntime chose) and writes "
-                              "<output>.report.json")
+                       **_help("deploy"))
     p.add_argument("model", help="a model written by `mptq-onnx convert`")
     p.add_argument("-o", "--output", help="default: <model>.deploy.onnx beside the input")
     p.add_argument("--force", action="store_true", help="overwrite the output")
@@ -235,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-layer table")
     p.set_defaults(fn=cmd_deploy)
 
-    p = sub.add_parser("demo", help="convert and evaluate the embedded deit_tiny_tin (no data or network needed)")
+    p = sub.add_parser("demo", help="convert and evaluate the embedded deit_tiny_tin (no data or network needed)",
+                       **_help("demo"))
     p.add_argument("--out-dir", help="where to write the quantized model (default: a temp dir)")
     p.add_argument("--force", action="store_true", help="overwrite the model and report in --out-dir")
     _add_quant_args(p)

@@ -1,0 +1,159 @@
+"""Result tables and plot from tools/benchmark.py run files, written into the docs between markers.
+
+    python tools/report.py                 # docs/runs/*.json -> docs/results.md, README.md, docs/results.png
+    python tools/report.py --check         # exit 1 if the tables in docs/results.md or README.md are stale
+    python tools/report.py --no-plot       # tables only (the plot needs the [plot] extra: matplotlib)
+
+docs/results.md gets one full table per model card (every config of its run file), README.md one
+summary table (SUMMARY's configs, the cards side by side). Rows are in tools/table.py's order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.table import label, order  # noqa: E402
+
+RUNS = REPO / "docs" / "runs"
+RESULTS_MD, README, PLOT = REPO / "docs" / "results.md", REPO / "README.md", REPO / "docs" / "results.png"
+SUMMARY = ["float", "ort:8:MinMax", "ort:4:MinMax", "uniform:8", "mptq:6", "mptq-mp:5", "uniform:4", "mptq:4"]
+MARK = {"results": ("<!-- results:begin (tools/report.py) -->", "<!-- results:end -->"),
+        "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->")}
+
+
+def load(paths) -> dict[str, list[dict]]:
+    """card -> rows in table order; a config run twice for a card keeps its later row."""
+    cards: dict[str, dict[str, dict]] = {}
+    for p in paths:
+        for r in json.loads(Path(p).read_text()):
+            cards.setdefault(r["card"], {})[r["config"]] = r
+    return {c: sorted(rows.values(), key=order) for c, rows in sorted(cards.items())}
+
+
+def _bits(r: dict) -> str:
+    return f"{r['avg_w_bits']:.2f}/{r['avg_a_bits']:.2f}" if "avg_w_bits" in r else "-"
+
+
+def _float_top1(rows):
+    return next((r["top1"] for r in rows if r["config"] == "float"), None)
+
+
+def _setup(rows) -> str:
+    r = rows[0]
+    subset = f" (evenly spread subset, --limit {r['limit']})" if r.get("limit") else ""
+    return (f"{r['images']} images of {r.get('val', 'tin_val_dev')}{subset}, {r['calib_images']} calibration "
+            f"images from tin_calib")
+
+
+def card_table(card: str, rows: list[dict]) -> str:
+    f = _float_top1(rows)
+    out = [f"**{card}**: {_setup(rows)}\n",
+           "| model | config | avg W/A bits | top-1 | % of float | top-5 | size MB | convert s | images/s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = f"{100 * r['top1'] / f:.1f}" if f else "-"
+        out.append(f"| {label(r['config'])} | `{r['config']}` | {_bits(r)} | {r['top1']:.4f} | {pct} | "
+                   f"{r['top5']:.4f} | {r['size_mb']:.1f} | {r['convert_seconds']:.1f} | {r['images_per_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def summary_table(cards: dict[str, list[dict]]) -> str:
+    names = list(cards)
+    by = {c: {r["config"]: r for r in rows} for c, rows in cards.items()}
+    head = "| model | " + " | ".join(f"{c} top-1 (% of float) | MB | images/s" for c in names) + " |"
+    out = [head, "|---|" + "---|---|---|" * len(names)]
+    for cfg in SUMMARY:
+        if not any(cfg in by[c] for c in names):
+            continue
+        cells = []
+        for c in names:
+            r, f = by[c].get(cfg), _float_top1(cards[c])
+            if r is None:
+                cells += ["-", "-", "-"]
+                continue
+            pct = f" ({100 * r['top1'] / f:.1f}%)" if f and cfg != "float" else ""
+            cells += [f"{r['top1']:.4f}{pct}", f"{r['size_mb']:.1f}", f"{r['images_per_s']:.0f}"]
+        out.append(f"| {label(cfg)} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def results_block(cards) -> str:
+    return "\n".join(card_table(c, rows) for c, rows in cards.items())
+
+
+def splice(text: str, which: str, block: str) -> str:
+    begin, end = MARK[which]
+    if begin not in text or end not in text:
+        raise SystemExit(f"no {begin} ... {end} block to write into")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{block}{end}{rest.split(end, 1)[1]}"
+
+
+def plot(cards, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    matplotlib.rcParams["svg.hashsalt"] = "mptq"  # deterministic output
+    styles = {"float": ("black", "*"), "ort": ("tab:gray", "x"), "uniform": ("tab:blue", "o"),
+              "sqb": ("tab:cyan", "v"), "optm": ("tab:purple", "^"), "mptq-paper": ("tab:orange", "s"),
+              "mptq": ("tab:red", "D"), "mptq-mp": ("tab:green", "P")}
+    fig, axes = plt.subplots(1, len(cards), figsize=(6.2 * len(cards), 4.8), squeeze=False)
+    for ax, (card, rows) in zip(axes[0], cards.items()):
+        seen = set()
+        for r in rows:
+            parts = r["config"].split(":")
+            key = "ort" if parts[0] == "ort" else parts[0]
+            color, marker = styles.get(key, ("tab:olive", "h"))
+            name = {"float": "float32", "ort": "onnxruntime quantize_static",
+                    "mptq-mp": "mptq + Greedy MP (average bits)"}.get(key, key)
+            ax.scatter(r["size_mb"], r["top1"], color=color, marker=marker, s=55, zorder=3,
+                       label=None if key in seen else name)
+            seen.add(key)
+            if key != "float":
+                tag = f"{parts[1]} bits avg" if key == "mptq-mp" else f"W{parts[1]}A{parts[1]}"
+                ax.annotate(tag, (r["size_mb"], r["top1"]),
+                            textcoords="offset points", xytext=(6, -3), fontsize=7, color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel("model file size, MB (log scale; 3, 5 and 6 bits are stored in 8-bit containers)")
+        ax.set_ylabel("top-1 on tin_val_dev")
+        ax.set_title(f"{card}: top-1 on {rows[0]['images']} tin_val_dev images", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="*", help="benchmark JSON files (default docs/runs/*.json)")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the generated tables are out of date")
+    ap.add_argument("--no-plot", action="store_true", help="skip docs/results.png")
+    a = ap.parse_args(argv)
+    cards = load(a.runs or sorted(RUNS.glob("*.json")))
+    if not cards:
+        raise SystemExit("no run files")
+    stale = []
+    for path, which, block in [(RESULTS_MD, "results", results_block(cards)), (README, "summary", summary_table(cards))]:
+        old = path.read_text()
+        new = splice(old, which, block)
+        if new != old:
+            stale.append(path)
+            if not a.check:
+                path.write_text(new)
+    if a.check:
+        for p in stale:
+            print(f"{p} is out of date: run python tools/report.py", file=sys.stderr)
+        return 1 if stale else 0
+    if not a.no_plot:
+        plot(cards, PLOT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
