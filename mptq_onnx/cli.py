@@ -73,7 +73,8 @@ def _config(a):
     cfg = QuantConfig(wbits=a.wbits, abits=a.abits, recipe=a.recipe, calib_size=a.calib_size,
                       act_method=a.act_method, weight_method=a.weight_method, target_bits=a.target_bits,
                       seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
-                      image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding)
+                      image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
+                      reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -172,6 +173,11 @@ def _add_quant_args(p):
     p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
                    help="weight rounding after the scales are chosen: nearest, or gptq (error compensation "
                         "through the layer's input Hessian; needs opt-m). Default: gptq in mptq, else nearest")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="block reconstruction: train each block's weights through its quantizers (needs torch)")
+    p.add_argument("--iters", type=int, default=100, help="--reconstruct: iterations per block (default 100)")
+    p.add_argument("--recon-batch", type=int, default=32, help="--reconstruct: images per iteration (default 32)")
+    p.add_argument("--device", default="cpu", help="--reconstruct: cpu | cuda (default cpu)")
     p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head; names as in inspect)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the calibration row samples and the searches' subsamples (default 0)")

@@ -16,6 +16,7 @@ from .passes.optm import OptM
 from .passes.sqb import SmoothQuantBias
 from .passes.greedy_mp import GreedyMP
 from .passes.qdq import WriteQDQ
+from .passes.reconstruct import Reconstruct, require_torch
 from .passes.rounding import GPTQRounding
 from .passes.uniform import UniformParams
 from .plan import Context, QuantConfig
@@ -40,6 +41,9 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         if not any(isinstance(p, OptM) for p in body):
             raise MptqError(f"--weight-rounding gptq needs a recipe that runs opt-m, not {cfg.recipe!r}")
         tail.append(GPTQRounding())  # after Greedy MP: it needs the final bit-widths
+    if cfg.reconstruct:
+        require_torch()
+        tail.append(Reconstruct())  # last: trains the weights through the final quantizers
     return head + body + tail + [WriteQDQ()]
 
 

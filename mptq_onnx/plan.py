@@ -48,6 +48,11 @@ class QuantConfig:
     # at 8 bits and I&S-ViT leaves it as it is. None quantizes it with --abits like the rest.
     image_bits: int | None = 8
     weight_rounding: str | None = None  # nearest | gptq; None: the recipe's (gptq in mptq)
+    reconstruct: bool = False          # block reconstruction in torch (passes/reconstruct.py)
+    recon_iters: int = 100             # per block
+    recon_batch: int = 32
+    recon_lr: float = 4e-5
+    device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
 
     def rounding(self) -> str:
         """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
@@ -86,6 +91,10 @@ class QuantConfig:
             raise MptqError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.weight_rounding not in (None, "nearest", "gptq"):
             raise MptqError(f"--weight-rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
+        if self.recon_iters < 0 or self.recon_batch < 1 or not self.recon_lr > 0:
+            raise MptqError("--iters must be >= 0, --recon-batch >= 1 and the learning rate > 0")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise MptqError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.act_method not in ("minmax", "mse") or self.weight_method not in ("minmax", "mse"):
             raise MptqError("--act-method/--weight-method must be 'minmax' or 'mse'")
 

@@ -2,6 +2,7 @@
 (W=A=BITS) or RECIPE-mp:TARGET (Greedy MP), then optional :KEY=VALUE modifiers:
   skip=ROLE_OR_SITE   leave that site (or every site of that role) in float (repeatable)
   img=BITS|abits      bits of the image input (default 8; abits: the same as the other activations)
+  recon               block reconstruction (--reconstruct); iters=N its iterations per block
   FIELD=VALUE         any other QuantConfig field, e.g. sqb_alphas=0.5,0.7,0.9 or mp_images=32
 """
 from __future__ import annotations
@@ -43,8 +44,13 @@ def quant_config(spec: str) -> tuple[QuantConfig, list[tuple[str, str]]]:
     fields = {f.name for f in dataclasses.fields(QuantConfig)}
     rest = []
     for m in mods:
+        if m == "recon":
+            cfg.reconstruct = True
+            continue
         k, v = m.split("=", 1)
-        if k == "skip":
+        if k == "iters":
+            cfg.recon_iters = int(v)
+        elif k == "skip":
             cfg.skip_sites += (v,)
         elif k == "img":
             cfg.image_bits = parse_image_bits(v)

@@ -1,0 +1,51 @@
+"""Block reconstruction (I&S-ViT's last stage): train each block's weights and biases through its
+frozen quantizers to match the float block. Thin: the torch work is in `mptq_onnx.recon`, imported
+only here, when the pass runs."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import MptqError
+from ..plan import Context
+from .base import Pass, PassResult
+
+TORCH_HINT = "--reconstruct needs torch: pip install 'mptq-onnx[export]' (or pip install torch)"
+
+
+def require_torch() -> None:
+    """Fail early, in one line, where torch is missing (before the minutes of the passes before)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise MptqError(TORCH_HINT) from None
+
+
+class Reconstruct(Pass):
+    name = "reconstruct"
+
+    def __call__(self, ctx: Context) -> PassResult:
+        require_torch()
+        from ..recon import ReconSettings, reconstruct
+        cfg = ctx.config
+        if cfg.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise MptqError(f"--device {cfg.device}: torch sees no CUDA device")
+        st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
+                           seed=cfg.seed, progress=cfg.progress)
+        try:
+            new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, ctx.calib_images, st)
+        except NotImplementedError as e:
+            raise MptqError(f"--reconstruct: {e}") from None
+        for name, w in new.items():
+            ctx.set_initializer(name, w)
+        for p in ctx.plan.values():
+            if p.weight is not None and p.site.weight in new:
+                p.methods.append("recon")
+        ctx.report["reconstruct"] = rows
+        trained = [r for r in rows if "loss_after" in r]
+        if not trained:
+            return PassResult(ctx, False, "nothing to train")
+        ratio = np.median([r["loss_after"] / max(r["loss_before"], 1e-30) for r in trained])
+        return PassResult(ctx, True, f"{len(trained)} blocks x {cfg.recon_iters} iterations; "
+                                     f"block loss x{ratio:.2f} (median)")
