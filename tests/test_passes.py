@@ -338,3 +338,32 @@ def test_float_check_names_the_pass_that_broke_the_model(model, calib):
         PassManager([Breaks()], verbose=False)(ctx)
     Breaks.preserves_float = False  # a pass that does not claim to keep it is not checked
     PassManager([Breaks()], verbose=False)(ctx)
+
+
+def test_node_metadata_names_every_quantizer_of_attention_matmuls(model, calib):
+    """q@k and attn@v quantize both operands: each QuantizeLinear feeding them is in the node's
+    metadata under its operand's name, and they are not reported as having float weights."""
+    from mptq_onnx.passes.qdq import input_labels
+    ctx = _ctx(model, calib[:8], wbits=8, abits=8)
+    UniformParams()(ctx)
+    q, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    producer = {o: n for n in q.graph.node for o in n.output}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    checked = 0
+    for n in q.graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        if meta.get("mptq.role") not in ("qk", "av"):
+            continue
+        assert "mptq.w_bits" not in meta and meta["mptq.weights"] == "none (activation x activation)"
+        acts = {k for k in meta if k.startswith("mptq.act.")}
+        assert acts == {f"mptq.act.{x}" for x in input_labels(meta["mptq.role"], 2)}
+        for label, x in zip(input_labels(meta["mptq.role"], 2), n.input):
+            dq = producer[x]
+            assert dq.op_type == "DequantizeLinear"
+            ql = producer[dq.input[0]]
+            ql = producer[ql.input[0]] if ql.op_type == "Clip" else ql
+            assert ql.op_type == "QuantizeLinear"
+            scale, zp = float(inits[ql.input[1]]), int(inits[ql.input[2]])
+            assert meta[f"mptq.act.{label}"].startswith(f"uniform8 s={scale:.3g} zp={zp}")
+            checked += 1
+    assert checked == 2 * 24
