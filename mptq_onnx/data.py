@@ -50,15 +50,18 @@ def _resample(name: str) -> Image.Resampling:
         raise MptqError(f"unknown interpolation {name!r}; expected one of {', '.join(_INTERPOLATION)}") from None
 
 
-def load_image(path: str | os.PathLike, pp: Preprocess) -> np.ndarray:
+def load_image(path: str | os.PathLike, pp: Preprocess, sizes: set | None = None) -> np.ndarray:
     """Read one image and return float32 [3, H, W], as timm's eval transform would.
 
     RGB; resize the shorter side to floor(H / crop_pct) (skipped when the image already is
     HxW and crop_pct == 1); center-crop HxW; scale to [0, 1]; normalize by mean/std.
+    `sizes`: a set to add the image's source (width, height) to.
     """
     _, h, w = pp.input_size
     with Image.open(path) as im:
         img = im.convert("RGB")  # also forces the decode, so errors surface here
+    if sizes is not None:
+        sizes.add(img.size)  # set.add is atomic: safe from the decode threads
     if not (img.size == (w, h) and pp.crop_pct == 1.0):
         iw, ih = img.size
         if h == w:
@@ -173,9 +176,24 @@ def spread_indices(n_total: int, limit: int | None) -> list[int]:
     return [int((2 * i + 1) * n_total // (2 * limit)) for i in range(limit)]
 
 
-def _load_or_error(path: str, pp: Preprocess) -> np.ndarray | BaseException:
+def resize_note(sizes: set, pp: Preprocess, root) -> str | None:
+    """One line saying that images of other sizes than the model's input were resized, or None."""
+    _, h, w = pp.input_size
+    other = sorted(s for s in sizes if s != (w, h))
+    if not other:
+        return None
+    seen = ", ".join(f"{a}x{b}" for a, b in other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
+    if h == w:
+        target = f"shorter side {math.floor(h / pp.crop_pct)}"
+    else:
+        target = f"{math.floor(w / pp.crop_pct)}x{math.floor(h / pp.crop_pct)} (aspect kept)"
+    return (f"note: images in {root} are {seen}, the model takes {w}x{h}: resized ({target}, "
+            f"{pp.interpolation}) and center-cropped to {w}x{h}")
+
+
+def _load_or_error(path: str, pp: Preprocess, sizes: set | None = None) -> np.ndarray | BaseException:
     try:
-        return load_image(path, pp)
+        return load_image(path, pp, sizes)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return e
 
@@ -186,12 +204,12 @@ def _default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def _decoded(ds: ImageFolder, idx: list[int], workers: int,
+def _decoded(ds: ImageFolder, idx: list[int], workers: int, sizes: set | None = None,
              ) -> Iterator[tuple[int, np.ndarray | BaseException]]:
     """(index, array or the decode error) in order; with workers > 0, decoded ahead in threads."""
     if workers <= 0:
         for i in idx:
-            yield i, _load_or_error(ds.samples[i][0], ds.pp)
+            yield i, _load_or_error(ds.samples[i][0], ds.pp, sizes)
         return
     ahead = 4 * workers + 64
     pending: collections.deque[tuple[int, Future]] = collections.deque()
@@ -200,7 +218,7 @@ def _decoded(ds: ImageFolder, idx: list[int], workers: int,
         pos = 0
         while pos < len(idx) or pending:
             while pos < len(idx) and len(pending) < ahead:
-                pending.append((idx[pos], pool.submit(_load_or_error, ds.samples[idx[pos]][0], ds.pp)))
+                pending.append((idx[pos], pool.submit(_load_or_error, ds.samples[idx[pos]][0], ds.pp, sizes)))
                 pos += 1
             i, fut = pending.popleft()
             yield i, fut.result()
@@ -214,7 +232,7 @@ def iter_batches(ds: ImageFolder, batch_size: int, indices: Sequence[int] | None
     """Yield (x float32 [B,3,H,W], y int64 [B]) over `indices` (default: all) in order.
 
     Images that cannot be decoded are skipped with one warning line each on stderr; if none
-    can be decoded, MptqError.  Decoding runs in a small thread pool ahead of the consumer
+    can be decoded, MptqError. Images not of the model's size get one note line (`resize_note`).  Decoding runs in a small thread pool ahead of the consumer
     (`workers`, default min(4, cores / 2); 0 decodes inline).  `progress` labels a tqdm bar on
     stderr (None: no bar).
     """
@@ -226,9 +244,10 @@ def iter_batches(ds: ImageFolder, batch_size: int, indices: Sequence[int] | None
     ys: list[int] = []
     n_ok = n_bad = 0
     first_err = ""
+    sizes: set = set()
     with tqdm(total=len(idx), desc=progress, unit="img", file=sys.stderr, disable=progress is None,
               dynamic_ncols=True, leave=False) as bar:
-        for i, res in _decoded(ds, idx, workers):
+        for i, res in _decoded(ds, idx, workers, sizes):
             bar.update(1)
             path, y = ds.samples[i]
             if isinstance(res, BaseException):
@@ -242,6 +261,9 @@ def iter_batches(ds: ImageFolder, batch_size: int, indices: Sequence[int] | None
             if len(xs) == batch_size:
                 yield np.stack(xs), np.asarray(ys, dtype=np.int64)
                 xs, ys = [], []
+    note = resize_note(sizes, ds.pp, ds.root)
+    if note:
+        _warn(note)
     if xs:
         yield np.stack(xs), np.asarray(ys, dtype=np.int64)
     if n_ok == 0 and n_bad:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .modelio import get_metadata, load_model
-from .passes.qdq import METADATA_KEY
+from .passes.qdq import ACT_ACT_ROLES, METADATA_KEY, input_labels
 
 
 def _fmt_q(q: dict | None) -> str:
@@ -47,8 +47,11 @@ def inspect_model(path: str | os.PathLike) -> str:
     meta = json.loads(raw)
     rows = []
     for r in meta["layers"]:
-        rows.append([r["site"], r["role"], r["w_bits"] or "-", r["a_bits"], _fmt_q(r["weight"]),
-                     "; ".join(_fmt_q(q) for q in r["acts"]), r["method"]])
+        acts = [_fmt_q(q) for q in r["acts"]]
+        if len(acts) > 1:  # name the operands: q@k and attn@v quantize both
+            acts = [f"{k}: {a}" for k, a in zip(input_labels(r["role"], len(acts)), acts)]
+        weight = "none (act x act)" if r["role"] in ACT_ACT_ROLES else _fmt_q(r["weight"])
+        rows.append([r["site"], r["role"], r["w_bits"] or "-", r["a_bits"], weight, "; ".join(acts), r["method"]])
     head.append(f"recipe {meta['recipe']}: average weight bits {meta['avg_w_bits']} (by parameters), "
                 f"activation bits {meta['avg_a_bits']} (by elements per image); "
                 f"{ops.get('QuantizeLinear', 0)} QuantizeLinear, {ops.get('DequantizeLinear', 0)} DequantizeLinear")

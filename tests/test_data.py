@@ -219,6 +219,25 @@ def test_iter_batches_progress_bar_goes_to_stderr(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_resized_images_are_noted_once(tmp_path, capsys):
+    """A 4x4 and a 6x6 folder fed to an 8x8 model (crop 0.875): one note naming the sizes seen, the
+    resize target and the crop; none when the images already have the model's size."""
+    root = make_folder(tmp_path / "small", n_classes=2, per_class=3, size=(4, 4))
+    make_folder(tmp_path / "small6", n_classes=1, per_class=2, size=(6, 6))
+    (root / "class_09").mkdir()
+    for f in (tmp_path / "small6" / "class_00").iterdir():
+        f.rename(root / "class_09" / f.name)
+    arr = load_calibration(root, pp8(crop_pct=0.875), n=8, progress=False)
+    assert arr.shape == (8, 3, 8, 8)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0] == (f"note: images in {root} are 4x4, 6x6, the model takes 8x8: resized (shorter side 9, "
+                        "bicubic) and center-cropped to 8x8")
+    same = make_folder(tmp_path / "same", n_classes=2, per_class=3, size=(8, 8))
+    list(iter_batches(ImageFolder(same, pp8(crop_pct=0.875)), 4, workers=2))
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------- load_calibration
 
 def test_load_calibration_from_folder_spreads_over_classes(tmp_path):

@@ -282,3 +282,88 @@ def test_gptq_rounding_brings_logits_closer_and_stores_codes(model, calib):
         if "gptq" in p.methods:
             w = ctx.weight(p.site.weight)
             np.testing.assert_array_equal(fake_quant(w, p.weight), w)
+
+
+def _share_ln_params(model):
+    """The embedded model with every LayerNorm's γ and β merged into one tensor each, as the torch
+    exporter merges them when they are equal (random or fresh weights)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    lns = [n for n in m.graph.node if n.op_type == "LayerNormalization"]
+    for n in lns[1:]:
+        n.input[1], n.input[2] = lns[0].input[1], lns[0].input[2]
+    used = {x for n in m.graph.node for x in n.input}
+    keep = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m
+
+
+def test_shared_parameters_are_unshared_and_sqb_keeps_float(model, calib):
+    from mptq_onnx.passes.base import PassManager
+    shared = _share_ln_params(model)
+    ctx = Context(shared, QuantConfig(progress=False, wbits=4, abits=4), calib)
+    PassManager([Canonicalize(), Calibrate()], verbose=False)(ctx)
+    gammas = [n.input[1] for n in ctx.model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(gammas) == 25 and len(set(gammas)) == 25
+    before = _run(shared, calib[:8])
+    PassManager([AttnSmooth(), SmoothQuantBias()], verbose=False)(ctx)
+    assert ctx.report["sqb_groups"] > 0
+    after = _run(ctx.model, calib[:8])
+    assert np.abs(after - before).max() < 1e-4 * np.abs(before).max()
+    assert set(ctx.report["float_check"]) == {"attn-smooth", "sq-b"}
+    # a model that shares nothing is left as it is
+    from mptq_onnx.passes.canonicalize import canonicalize_model
+    plain, _ = canonicalize_model(model)
+    ctx = Context(model, QuantConfig(progress=False), calib)
+    res = Canonicalize()(ctx)
+    assert "shared" not in res.summary
+    assert ctx.model.SerializeToString() == plain.SerializeToString()
+
+
+def test_float_check_names_the_pass_that_broke_the_model(model, calib):
+    from mptq_onnx.passes.base import Pass, PassManager, PassResult
+
+    class Breaks(Pass):
+        name = "breaks-float"
+        preserves_float = True
+
+        def __call__(self, ctx):
+            w = ctx.info.site("head").weight
+            ctx.set_initializer(w, ctx.weight(w) * 1.01)
+            return PassResult(ctx, True)
+
+    ctx = _ctx(model, calib[:4])
+    with pytest.raises(MptqError, match="'breaks-float' should keep the float model"):
+        PassManager([Breaks()], verbose=False)(ctx)
+    Breaks.preserves_float = False  # a pass that does not claim to keep it is not checked
+    PassManager([Breaks()], verbose=False)(ctx)
+
+
+def test_node_metadata_names_every_quantizer_of_attention_matmuls(model, calib):
+    """q@k and attn@v quantize both operands: each QuantizeLinear feeding them is in the node's
+    metadata under its operand's name, and they are not reported as having float weights."""
+    from mptq_onnx.passes.qdq import input_labels
+    ctx = _ctx(model, calib[:8], wbits=8, abits=8)
+    UniformParams()(ctx)
+    q, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    producer = {o: n for n in q.graph.node for o in n.output}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    checked = 0
+    for n in q.graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        if meta.get("mptq.role") not in ("qk", "av"):
+            continue
+        assert "mptq.w_bits" not in meta and meta["mptq.weights"] == "none (activation x activation)"
+        acts = {k for k in meta if k.startswith("mptq.act.")}
+        assert acts == {f"mptq.act.{x}" for x in input_labels(meta["mptq.role"], 2)}
+        for label, x in zip(input_labels(meta["mptq.role"], 2), n.input):
+            dq = producer[x]
+            assert dq.op_type == "DequantizeLinear"
+            ql = producer[dq.input[0]]
+            ql = producer[ql.input[0]] if ql.op_type == "Clip" else ql
+            assert ql.op_type == "QuantizeLinear"
+            scale, zp = float(inits[ql.input[1]]), int(inits[ql.input[2]])
+            assert meta[f"mptq.act.{label}"].startswith(f"uniform8 s={scale:.3g} zp={zp}")
+            checked += 1
+    assert checked == 2 * 24

@@ -10,7 +10,14 @@ import dataclasses
 import sys
 import time
 
+import numpy as np
+
+from ..calibrate import session
+from ..errors import MptqError
+from ..modelio import image_input
 from ..plan import Context
+
+FLOAT_CHECK_IMAGES = 2  # calibration images the float-model check runs (its "before": ctx.calib.logits)
 
 
 @dataclasses.dataclass
@@ -22,6 +29,9 @@ class PassResult:
 
 class Pass:
     name: str = "pass"
+    # True for passes that rewrite the graph but must leave its float outputs unchanged (up to
+    # rounding); PassManager checks that they did
+    preserves_float: bool = False
 
     def __call__(self, ctx: Context) -> PassResult:
         raise NotImplementedError
@@ -43,4 +53,32 @@ class PassManager:
                                          "summary": res.summary})
             if self.verbose:
                 print(f"[{p.name}] {dt:6.1f}s  {res.summary}", file=sys.stderr)
+            if p.preserves_float:
+                check_float(ctx, p.name)
         return PassResult(ctx, modified)
+
+
+def float_tolerance(ref_absmax: float) -> float:
+    return 1e-3 * ref_absmax + 1e-4
+
+
+def float_drift(ctx: Context, n: int = FLOAT_CHECK_IMAGES) -> tuple[float, float]:
+    """(max |Δlogit|, its tolerance) of the graph now against the float logits recorded at
+    calibration, on the first `n` calibration images."""
+    x = ctx.calib_images[:n]
+    ref = ctx.calib.logits[:len(x)]
+    y = session(ctx.model).run([ctx.model.graph.output[0].name], {image_input(ctx.model).name: x})[0]
+    return float(np.abs(y - ref).max()), float_tolerance(float(np.abs(ref).max()))
+
+
+def check_float(ctx: Context, pass_name: str) -> None:
+    """Raise MptqError if the graph's float outputs moved since calibration (a rewrite went wrong)."""
+    if ctx.calib is None or ctx.calib_images is None or ctx.materialized:
+        return
+    d, tol = float_drift(ctx)
+    ctx.report.setdefault("float_check", {})[pass_name] = d
+    if not d <= tol:  # NaN fails too
+        raise MptqError(f"pass {pass_name!r} should keep the float model but changed its outputs by up to {d:.3g} "
+                        f"(tolerance {tol:.3g}, first {min(FLOAT_CHECK_IMAGES, len(ctx.calib_images))} "
+                        f"calibration images); this graph is not supported by {pass_name}: use a recipe "
+                        f"without it (e.g. --recipe optm) and report the model")

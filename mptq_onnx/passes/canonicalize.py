@@ -1,4 +1,5 @@
-"""Canonicalize: opset 21 (INT4 QuantizeLinear/DequantizeLinear), named nodes, no dead code."""
+"""Canonicalize: opset 21 (INT4 QuantizeLinear/DequantizeLinear), named nodes, no dead code, and
+no parameter shared between nodes."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import MptqError
+from ..analyze import GraphInfo
 from ..graph import GraphIndex, attr, copy_node_metadata
 from ..plan import Context
 from .base import Pass, PassResult
@@ -193,12 +195,57 @@ def check_skip(info, skip: tuple[str, ...]) -> None:
                         "(`mptq-onnx inspect MODEL` lists them)")
 
 
+def unshare_parameters(model: onnx.ModelProto, info: GraphInfo) -> int:
+    """Give every consumer of a shared parameter (a site's weight or bias, a LayerNorm's γ or β) its
+    own copy; returns the number of copies made.
+
+    The torch exporter merges identical initializers: with random or fresh weights all LayerNorm γ
+    become one tensor and all zero biases another, so a pass folding a rescaling into one node's
+    parameter would change every other node using it. Copies are named `<name>.<consumer node>`
+    and follow the original in the initializer list; a model that shares nothing is left as is.
+    """
+    params = {t for s in info.sites for t in (s.weight, s.bias) if t}
+    params |= {t for g in info.ln_groups for t in (g.gamma, g.beta) if t}
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for x in dict.fromkeys(n.input):
+            if x in params and x in inits:
+                users.setdefault(x, []).append(n)
+    names = set(inits) | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    copies: dict[str, list[onnx.TensorProto]] = {}
+    for x, nodes in users.items():
+        for n in nodes[1:]:  # the first consumer keeps the original
+            name, k = f"{x}.{n.name}", 1
+            while name in names:
+                name, k = f"{x}.{n.name}_{k}", k + 1
+            names.add(name)
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[x])
+            t.name = name
+            copies.setdefault(x, []).append(t)
+            for i, y in enumerate(n.input):
+                if y == x:
+                    n.input[i] = name
+    if copies:
+        new = []
+        for t in model.graph.initializer:
+            new += [t] + copies.get(t.name, [])
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(new)
+    return sum(map(len, copies.values()))
+
+
 class Canonicalize(Pass):
     name = "canonicalize"
 
     def __call__(self, ctx: Context) -> PassResult:
         ctx.model, done = canonicalize_model(ctx.model)
         ctx.invalidate()
+        n_copies = unshare_parameters(ctx.model, ctx.info)
+        if n_copies:
+            ctx.invalidate()
+            done.append(f"{n_copies} copies of shared parameters")
         info = ctx.info
         check_skip(info, ctx.config.skip_sites)
         return PassResult(ctx, bool(done), f"{info.family}: {len(info.sites)} sites ({info.summary()})"

@@ -19,15 +19,33 @@ from .base import Pass, PassResult
 METADATA_KEY = "mptq.quantization"
 
 
+ACT_ACT_ROLES = ("qk", "av", "act_matmul")
+
+
+def input_labels(role: str, n: int) -> list[str]:
+    """Names of a site's activation inputs, unique within the node, for metadata and `inspect`."""
+    if role == "qk":
+        return ["q", "k"]
+    if role == "av":
+        return ["attn", "v"]
+    if n == 1:
+        return ["input"]
+    return [chr(ord("A") + i) for i in range(n)]
+
+
 def site_metadata(p: SitePlan) -> dict[str, str]:
-    meta = {"mptq.site": p.site.name, "mptq.role": p.site.role,
-            "mptq.w_bits": str(p.w_bits) if p.w_bits else "float",
-            "mptq.a_bits": str(p.a_bits), "mptq.method": p.method_str()}
+    meta = {"mptq.site": p.site.name, "mptq.role": p.site.role}
+    if p.site.op == "act_matmul":
+        meta["mptq.weights"] = "none (activation x activation)"
+    else:
+        meta["mptq.w_bits"] = str(p.w_bits) if p.w_bits else "float"
+    meta["mptq.a_bits"] = str(p.a_bits)
+    meta["mptq.method"] = p.method_str()
     if p.weight is not None:
         meta["mptq.weight"] = p.weight.describe()
-    for a, q in zip(p.site.inputs, p.acts):
-        if q is not None:
-            meta[f"mptq.act.{a.kind}"] = q.describe()
+    for label, a, q in zip(input_labels(p.site.role, len(p.site.inputs)), p.site.inputs, p.acts):
+        v = q.describe() if q is not None else "float"
+        meta[f"mptq.act.{label}"] = v if a.kind == "general" else f"{v} ({a.kind})"
     return meta
 
 

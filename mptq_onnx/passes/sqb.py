@@ -152,6 +152,7 @@ def _add_bias(ctx: Context, gi: GraphIndex, site, bias: np.ndarray) -> None:
 
 class SmoothQuantBias(Pass):
     name = "sq-b"
+    preserves_float = True
 
     def __init__(self, alphas: tuple[float, ...] | None = None, shifts=("mean", "midrange")):
         self.alphas = alphas
