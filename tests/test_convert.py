@@ -41,6 +41,27 @@ def test_timm_224_w8a8_agrees_with_float(timm_onnx, name):
     assert ops.count("QuantizeLinear") >= n_sites
 
 
+@pytest.mark.needs_torch
+@pytest.mark.slow
+def test_timm_224_mptq_with_shared_initializers_agrees_with_float(timm_onnx):
+    """With random weights the exporter merges equal initializers (all LayerNorm γ, all zero biases);
+    SQ-b and attention smoothing must rescale each node's own copy, not every user of the tensor."""
+    model = load_model(timm_onnx("deit_tiny_patch16_224"))
+    inits = {t.name for t in model.graph.initializer}
+    lns = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len({n.input[1] for n in lns if n.input[1] in inits}) < len(lns)  # the export does share
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
+    ctx = convert(model, calib, QuantConfig(recipe="mptq", wbits=8, abits=8, progress=False, batch_size=4),
+                  verbose=False)
+    assert ctx.report["sqb_groups"] > 0
+    assert not any("reverted" in p["summary"] for p in ctx.report["passes"])  # attention smoothing kept
+    x = rng.standard_normal((3, 3, 224, 224)).astype(np.float32)
+    f, q = _logits(model, x), _logits(ctx.model, x)
+    cos = (f * q).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(q, axis=1)
+    assert cos.min() > 0.99, cos
+
+
 @pytest.fixture(scope="module")
 def emb():
     m = load_embedded_model()
