@@ -71,7 +71,8 @@ def _config(a):
     cfg = QuantConfig(wbits=a.wbits, abits=a.abits, recipe=a.recipe, calib_size=a.calib_size,
                       act_method=a.act_method, weight_method=a.weight_method, target_bits=a.target_bits,
                       seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
-                      image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding)
+                      image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
+                      softmax_quantizer=a.softmax_quantizer)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -158,6 +159,8 @@ def _add_quant_args(p):
     p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
                    help="weight rounding after the scales are chosen: nearest, or gptq (error compensation "
                         "through the layer's input Hessian; needs opt-m). Default: gptq in mptq, else nearest")
+    p.add_argument("--softmax-quantizer", choices=["default", "sulq"], default="default",
+                   help="post-Softmax inputs: the recipe's choice, or SULQ (I&S-ViT) on all of them")
     p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or pass log")

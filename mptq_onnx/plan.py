@@ -48,6 +48,9 @@ class QuantConfig:
     # at 8 bits and I&S-ViT leaves it as it is. None quantizes it with --abits like the rest.
     image_bits: int | None = 8
     weight_rounding: str | None = None  # nearest | gptq; None: the recipe's (gptq in mptq)
+    # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
+    # shift-uniform-log2) on every one of them
+    softmax_quantizer: str = "default"
 
     def rounding(self) -> str:
         """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
@@ -86,6 +89,8 @@ class QuantConfig:
             raise MptqError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.weight_rounding not in (None, "nearest", "gptq"):
             raise MptqError(f"--weight-rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
+        if self.softmax_quantizer not in ("default", "sulq"):
+            raise MptqError(f"--softmax-quantizer must be 'default' or 'sulq', got {self.softmax_quantizer!r}")
         if self.act_method not in ("minmax", "mse") or self.weight_method not in ("minmax", "mse"):
             raise MptqError("--act-method/--weight-method must be 'minmax' or 'mse'")
 
