@@ -16,7 +16,7 @@ from mptq_onnx.passes.greedy_mp import GreedyMP, UniformProvider, build_simulato
 from mptq_onnx.passes.optm import OptM, SiteOptimizer
 from mptq_onnx.passes.qdq import average_bits, write_plan
 from mptq_onnx.passes.rounding import GPTQRounding
-from mptq_onnx.quantizers import fake_quant
+from mptq_onnx.quantizers import SULQ_ETAS, fake_quant, sulq_quantizer
 from mptq_onnx.passes.sqb import SmoothQuantBias, _quick_act, group_error
 from mptq_onnx.passes.uniform import UniformParams
 from mptq_onnx.plan import Context, QuantConfig
@@ -301,10 +301,15 @@ def test_softmax_quantizer_sulq(model, calib):
     a, b = sim.run(imgs, {}), _run(qdq, imgs)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.85 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
     av = [p.site for p in ctx.plan.values() if p.site.role == "av"]
+    # η: the grid's best by the attn·V error
+    (sa, sb), q = (ctx.calib.stats[t.tensor] for t in av[0].inputs), ctx.plan[av[0].name].acts[0]
+    err = lambda q: float(np.square(fake_quant(sa.sample, q) @ sb.sample - sa.sample @ sb.sample).sum())  # noqa: E731
+    assert all(err(q) <= err(sulq_quantizer(sa.min, sa.max, 4, eta)) for eta in SULQ_ETAS)
     opt = SiteOptimizer(ctx)  # OPT-m: SULQ alone, η by the attn·V error
     assert opt.act_kinds(av[0], 0) == ["sulq"] and prov.act_kinds(av[0], 0) == ["sulq"]
     assert {opt.acts(s, 3)[0].kind for s in av[:3]} == {"sulq"}
     ctx.config.softmax_quantizer = "default"
-    assert "sulq" in SiteOptimizer(ctx).act_kinds(av[0], 0) and UniformProvider(ctx).act_kinds(av[0], 0) == ["uniform"]
+    assert "sulq" not in SiteOptimizer(ctx).act_kinds(av[0], 0)
+    assert UniformProvider(ctx).act_kinds(av[0], 0) == ["uniform"]
     with pytest.raises(MptqError, match="softmax-quantizer"):
         QuantConfig(softmax_quantizer="log2").validate()
