@@ -74,7 +74,8 @@ def _config(a):
                       act_method=a.act_method, weight_method=a.weight_method, target_bits=a.target_bits,
                       seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
                       image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
-                      reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device)
+                      reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device,
+                      softmax_quantizer=a.softmax_quantizer)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -173,6 +174,8 @@ def _add_quant_args(p):
     p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
                    help="weight rounding after the scales are chosen: nearest, or gptq (error compensation "
                         "through the layer's input Hessian; needs opt-m). Default: gptq in mptq, else nearest")
+    p.add_argument("--softmax-quantizer", choices=["default", "sulq"], default="default",
+                   help="post-Softmax inputs: the recipe's choice, or SULQ (I&S-ViT) on all of them")
     p.add_argument("--reconstruct", action="store_true",
                    help="block reconstruction: train each block's weights through its quantizers (needs torch)")
     p.add_argument("--iters", type=int, default=100, help="--reconstruct: iterations per block (default 100)")

@@ -3,12 +3,15 @@
 Two modes share one editor:
 - ``qdq``: what users deploy. QuantizeLinear/DequantizeLinear pairs (INT8/UINT8, INT4/UINT4 at
   4 bits, other widths in an 8-bit container with a Clip on the integer codes), weights stored as
-  integers (INT4 packed two per byte), region-wise quantizers as two QDQ branches split at zero.
+  integers (INT4 packed two per byte), region-wise quantizers as two QDQ branches split at zero,
+  SULQ as a QDQ pair on log2(x + η) followed by Round, Pow(2, ·) and Sub(η).
 - ``sim``: the same arithmetic in float ops (Div, Round, Clip, Mul) whose scales, zero points and
   clamp bounds are graph inputs with defaults, so one onnxruntime session can score many bit-width
   configurations by feeding new values (Greedy MP) instead of rebuilding the graph.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx
@@ -93,6 +96,8 @@ class Editor:
             return self._region(at, x, q, base, feed)
         if q.kind == "log2":
             return self._log2(at, x, q, base, feed)
+        if q.kind == "sulq":
+            return self._sulq(at, x, q, base, feed)
         raise ValueError(q.kind)
 
     def _uniform(self, at, x, q, base, feed):
@@ -174,6 +179,20 @@ class Editor:
         v = self.node(at, "Mul", [v, p["scale"]], base + "_val")
         top = self.node(at, "GreaterOrEqual", [e, p["hi"]], base + "_istop")
         return self.node(at, "Where", [top, zero, v], base + "_log2q"), p
+
+    def _sulq(self, at, x, q, base, feed):
+        # x̂ = 2^rint(DQ(Q(log2(x + η)))) - η; log2 = ln · (1/ln 2), as the numpy reference computes it
+        eta = self.const(base + "_eta", np.float32(q.shift), feed)
+        t = self.node(at, "Add", [x, eta], base + "_shift")
+        t = self.node(at, "Max", [t, self.const(base + "_tiny", np.float32(1e-30))], base + "_pos")
+        t = self.node(at, "Log", [t], base + "_ln")
+        t = self.node(at, "Mul", [t, self.const(base + "_inv_ln2", np.float32(1.0 / LN2))], base + "_log2")
+        u = dataclasses.replace(q, kind="uniform", shift=0.0)
+        t, p = self._uniform(at, t, u, base + "_log", feed)
+        t = self.node(at, "Round", [t], base + "_exp")
+        t = self.node(at, "Pow", [self.const(base + "_two", np.float32(2)), t], base + "_pow")
+        t = self.node(at, "Sub", [t, eta], base + "_sulq")
+        return t, ({**p, "shift": eta} if self.mode == "sim" else {})
 
     # -- weights --------------------------------------------------------------------------------
     def weight(self, at: str, w_name: str, w: np.ndarray, q: Quantizer, base: str,

@@ -14,8 +14,10 @@ def _fmt_q(q: dict | None) -> str:
         return "-"
     if "scale" in q:
         s = f"{q['kind']} s={q['scale']:.3g}"
-        if q["kind"] == "uniform":
+        if q["kind"] in ("uniform", "sulq"):
             s += f" zp={q['zero_point']}"
+        if q["kind"] == "sulq":
+            s += f" η={q['shift']:.3g}"
         if q["kind"] == "region":
             s += f" s-={q['neg_scale']:.3g}"
         return s

@@ -53,6 +53,9 @@ class QuantConfig:
     recon_batch: int = 32
     recon_lr: float = 4e-5
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
+    # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
+    # shift-uniform-log2) on every one of them
+    softmax_quantizer: str = "default"
 
     def rounding(self) -> str:
         """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
@@ -95,6 +98,8 @@ class QuantConfig:
             raise MptqError("--iters must be >= 0, --recon-batch >= 1 and the learning rate > 0")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise MptqError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.softmax_quantizer not in ("default", "sulq"):
+            raise MptqError(f"--softmax-quantizer must be 'default' or 'sulq', got {self.softmax_quantizer!r}")
         if self.act_method not in ("minmax", "mse") or self.weight_method not in ("minmax", "mse"):
             raise MptqError("--act-method/--weight-method must be 'minmax' or 'mse'")
 

@@ -8,6 +8,9 @@ Kinds:
 - ``log2``: x̂ = s 2^(-q/k), q = clip(rint(-k log2(x / s)), 0, 2^bits - 2), the top code meaning 0;
   k = `steps_per_octave` (1: log2; 2: log√2, RepQ-ViT's post-Softmax quantizer, which spends its
   codes on the large probabilities where a 2x step is coarsest; 4: log⁴√2, for 6 bits and up).
+- ``sulq``: shift-uniform-log2 (I&S-ViT's post-Softmax quantizer): l = log2(x + η) is quantized
+  uniformly (scale = the log-domain step, zero point, codes 0..2^bits - 1), and the dequantized
+  exponent is rounded: x̂ = 2^rint((q - z) s) - η. Every value is a power of two minus η.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class Quantizer:
     neg_scale: float = 0.0            # region only
     method: str = ""
     steps_per_octave: int = 1         # log2 only: 1 = base 2, 2 = base √2
+    shift: float = 0.0                # sulq only: η, added before the log2 and taken off after
 
     def fake(self, x: np.ndarray) -> np.ndarray:
         return fake_quant(x, self)
@@ -49,8 +53,9 @@ class Quantizer:
         s = np.atleast_1d(self.scale)
         sc = f"{float(s[0]):.3g}" if s.size == 1 else f"[{float(s.min()):.3g}..{float(s.max()):.3g}]x{s.size}"
         extra = f" neg_s={self.neg_scale:.3g}" if self.kind == "region" else ""
+        extra += f" η={self.shift:.3g}" if self.kind == "sulq" else ""
         zp = np.atleast_1d(self.zero_point)
-        z = f" zp={int(zp[0])}" if zp.size == 1 and self.kind == "uniform" else ""
+        z = f" zp={int(zp[0])}" if zp.size == 1 and self.kind in ("uniform", "sulq") else ""
         kind = log_name(self.steps_per_octave) if self.kind == "log2" else self.kind
         return f"{kind}{self.bits} s={sc}{z}{extra}"
 
@@ -67,6 +72,8 @@ class Quantizer:
             d["neg_scale"] = float(self.neg_scale)
         if self.kind == "log2":
             d["steps_per_octave"] = self.steps_per_octave
+        if self.kind == "sulq":
+            d["shift"] = float(self.shift)
         return d
 
 
@@ -118,6 +125,16 @@ def fake_quant(x: np.ndarray, q: Quantizer) -> np.ndarray:
         with np.errstate(divide="ignore"):
             e = np.clip(np.rint(-k * np.log2(np.maximum(x, 0) / q.scale)), 0, q.qmax)
         return np.where(e >= q.qmax, F32(0), q.scale * np.exp2(-e / k)).astype(F32)
+    if q.kind == "sulq":
+        s, z, eta = np.asarray(q.scale, F32), np.asarray(q.zero_point, F32), F32(q.shift)
+        # log2 as the graph computes it (ONNX has no Log2): ln, then times 1/ln 2, in float32
+        t = np.log(np.maximum(x + eta, F32(1e-30))) * F32(1.0 / np.log(2.0))
+        t /= s
+        np.rint(t, out=t)
+        _clip(t, F32(q.qmin) - z, F32(q.qmax) - z, out=t)
+        t *= s
+        np.rint(t, out=t)
+        return (np.exp2(t) - eta).astype(F32)
     raise ValueError(f"unknown quantizer kind {q.kind!r}")
 
 
@@ -161,6 +178,20 @@ def region_quantizer(neg_min: float, pos_max: float, bits: int, neg_codes: int, 
 def log2_quantizer(max_val: float, bits: int, method: str = "log2", steps_per_octave: int = 1) -> Quantizer:
     return Quantizer("log2", bits, np.array(max(max_val, 1e-8), F32), np.array(0, np.int32), 0,
                      (1 << bits) - 1, method=method, steps_per_octave=steps_per_octave)
+
+
+def sulq_quantizer(x_min: float, x_max: float, bits: int, eta: float, method: str = "sulq") -> Quantizer:
+    """SULQ for values in [x_min, x_max] (x_min > -eta): uniform over [log2(x_min + η), log2(x_max + η)].
+
+    2^bits codes, so a b-bit model stores b-bit values (I&S-ViT's reference code sets its range
+    with 2^b - 1 steps but runs with 2^b steps and 2^b + 1 codes; we keep the former). The
+    log-domain range is widened to contain 0, as every uniform quantizer here, so the zero point is
+    a valid code (for post-Softmax values with η ≤ 1 it changes little: log2(max + η) is near 0).
+    """
+    lo = float(np.log2(max(x_min + eta, 1e-30)))
+    hi = float(np.log2(max(x_max + eta, 1e-30)))
+    u = uniform_from_range(lo, hi, bits)
+    return Quantizer("sulq", bits, u.scale, u.zero_point, u.qmin, u.qmax, method=method, shift=float(eta))
 
 
 # --- searches -----------------------------------------------------------------------------------
@@ -209,6 +240,35 @@ def search_uniform_scored(x: np.ndarray, bits: int, err=None, *, lo: float | Non
         if lo < 0:
             a = min(ratios.tolist() if k == 0 else near(a), key=lambda r: score(r, b)[0])
     return score(a, b)
+
+
+# η candidates of I&S-ViT's search for post-Softmax SULQ
+SULQ_ETAS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def search_sulq_scored(x: np.ndarray, bits: int, err=None, *, lo: float | None = None,
+                       hi: float | None = None, etas=SULQ_ETAS, method: str = "sulq") -> tuple[float, Quantizer]:
+    """The η of `etas` whose SULQ over [lo, hi] (default: x's range) minimises `err(fake(x))`
+    (default: MSE on x); returns (its err, the quantizer). Ties go to the earlier η."""
+    lo = float(x.min()) if lo is None else lo
+    hi = float(x.max()) if hi is None else hi
+    err = err or (lambda xq: _mse(xq, x))
+    best = None
+    for eta in etas:
+        if lo + eta <= 0:  # log2 of a non-positive value: no range to quantize
+            continue
+        q = sulq_quantizer(lo, hi, bits, eta, method=method)
+        e = err(fake_quant(x, q))
+        if best is None or e < best[0]:
+            best = (e, q)
+    if best is None:
+        raise ValueError(f"SULQ needs x + η > 0; min {lo} with η up to {max(etas)}")
+    return best
+
+
+def search_sulq(x: np.ndarray, bits: int, err=None, **kw) -> Quantizer:
+    """`search_sulq_scored`'s quantizer."""
+    return search_sulq_scored(x, bits, err, **kw)[1]
 
 
 def search_weight(w: np.ndarray, out_axis: int, bits: int, hessian: np.ndarray | None = None,

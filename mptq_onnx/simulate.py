@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from .calibrate import external_placeholder, session
 from .emit import LN2, Editor
-from .quantizers import Quantizer
+from .quantizers import Quantizer, sulq_quantizer
 
 
 def as_region(q: Quantizer) -> Quantizer:
@@ -84,6 +84,8 @@ class Simulator:
             return q0
         if kind == "region":
             return as_region(q0)
+        if kind == "sulq":  # finite at any width (scale 1 would reach 2^255 at 8 bits: inf · flag 0 = NaN)
+            return sulq_quantizer(0.0, 1.0, q0.bits, 0.01)
         # a placeholder of the right kind; its values are replaced by feeds before use
         return Quantizer(kind, q0.bits, np.array(1.0, np.float32), np.array(0, np.int32), 0, (1 << q0.bits) - 1)
 
@@ -113,6 +115,8 @@ class Simulator:
                 v = np.float32(-q.steps_per_octave / LN2)
             elif k == "from_code":
                 v = np.float32(-1.0 / q.steps_per_octave)
+            elif k == "shift":
+                v = np.float32(q.shift)
             else:
                 raise KeyError(k)
             out[n] = np.asarray(v, np.float32)

@@ -12,11 +12,11 @@ from mptq_onnx.modelio import get_preprocess
 from mptq_onnx.passes.attn_smooth import AttnSmooth
 from mptq_onnx.passes.calibrate import Calibrate
 from mptq_onnx.passes.canonicalize import Canonicalize
-from mptq_onnx.passes.greedy_mp import GreedyMP, build_simulator, cost_table
-from mptq_onnx.passes.optm import OptM
+from mptq_onnx.passes.greedy_mp import GreedyMP, UniformProvider, build_simulator, cost_table
+from mptq_onnx.passes.optm import OptM, SiteOptimizer
 from mptq_onnx.passes.qdq import average_bits, write_plan
 from mptq_onnx.passes.rounding import GPTQRounding
-from mptq_onnx.quantizers import fake_quant
+from mptq_onnx.quantizers import SULQ_ETAS, fake_quant, sulq_quantizer
 from mptq_onnx.passes.sqb import SmoothQuantBias, _quick_act, group_error
 from mptq_onnx.passes.uniform import UniformParams
 from mptq_onnx.plan import Context, QuantConfig
@@ -367,3 +367,34 @@ def test_node_metadata_names_every_quantizer_of_attention_matmuls(model, calib):
             assert meta[f"mptq.act.{label}"].startswith(f"uniform8 s={scale:.3g} zp={zp}")
             checked += 1
     assert checked == 2 * 24
+
+
+def test_softmax_quantizer_sulq(model, calib):
+    """softmax_quantizer="sulq" puts SULQ on every post-Softmax input, and only there, in the
+    uniform recipe and in OPT-m; its QDQ model computes what Greedy MP's fed simulation computes."""
+    ctx = _ctx(model, calib, wbits=8, abits=4, softmax_quantizer="sulq")
+    UniformParams()(ctx)
+    kinds = {(p.site.role, a.kind, q.kind) for p in ctx.plan.values() for a, q in zip(p.site.inputs, p.acts)}
+    assert {k for r, a, k in kinds if a == "post_softmax"} == {"sulq"}
+    assert {r for r, a, k in kinds if a == "post_softmax"} == {"av"}
+    assert all(k != "sulq" for r, a, k in kinds if a != "post_softmax")
+    qdq, _ = write_plan(ctx.model, ctx.plan, "qdq")
+    assert sum("act.post_softmax=sulq4" in n.doc_string for n in qdq.graph.node) == 12
+    imgs = calib[:8]
+    prov = UniformProvider(ctx)
+    sim = build_simulator(ctx, prov, {(n, "a"): p.a_bits for n, p in ctx.plan.items()}, 8)
+    a, b = sim.run(imgs, {}), _run(qdq, imgs)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.85 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
+    av = [p.site for p in ctx.plan.values() if p.site.role == "av"]
+    # η: the grid's best by the attn·V error
+    (sa, sb), q = (ctx.calib.stats[t.tensor] for t in av[0].inputs), ctx.plan[av[0].name].acts[0]
+    err = lambda q: float(np.square(fake_quant(sa.sample, q) @ sb.sample - sa.sample @ sb.sample).sum())  # noqa: E731
+    assert all(err(q) <= err(sulq_quantizer(sa.min, sa.max, 4, eta)) for eta in SULQ_ETAS)
+    opt = SiteOptimizer(ctx)  # OPT-m: SULQ alone, η by the attn·V error
+    assert opt.act_kinds(av[0], 0) == ["sulq"] and prov.act_kinds(av[0], 0) == ["sulq"]
+    assert {opt.acts(s, 3)[0].kind for s in av[:3]} == {"sulq"}
+    ctx.config.softmax_quantizer = "default"
+    assert "sulq" not in SiteOptimizer(ctx).act_kinds(av[0], 0)
+    assert UniformProvider(ctx).act_kinds(av[0], 0) == ["uniform"]
+    with pytest.raises(MptqError, match="softmax-quantizer"):
+        QuantConfig(softmax_quantizer="log2").validate()

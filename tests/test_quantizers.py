@@ -7,9 +7,9 @@ from onnx import TensorProto, helper
 
 from mptq_onnx.emit import Editor
 from mptq_onnx.passes.uniform import search_sample
-from mptq_onnx.quantizers import (fake_quant, log2_quantizer, qrange, region_quantizer, search_uniform,
-                                  search_uniform_scored, search_weight, symmetric_per_channel,
-                                  uniform_from_range)
+from mptq_onnx.quantizers import (SULQ_ETAS, fake_quant, log2_quantizer, qrange, region_quantizer,
+                                  search_sulq, search_sulq_scored, search_uniform, search_uniform_scored,
+                                  search_weight, sulq_quantizer, symmetric_per_channel, uniform_from_range)
 
 
 def _identity_model(shape):
@@ -168,3 +168,86 @@ def test_gptq_round_stays_on_grid_and_lowers_output_error():
         np.testing.assert_array_equal(fake_quant(new, q), new)     # codes are rint(w/s): on the grid
         err = lambda v: float(np.square(x @ (v - w)).sum())  # noqa: E731
         assert err(new) < 0.8 * err(nearest), bits
+
+
+# --- SULQ (shift-uniform-log2, I&S-ViT's post-Softmax quantizer) ---------------------------------
+
+def _softmax_rows(n=40, k=65, temp=3.0, seed=1):
+    z = np.random.default_rng(seed).standard_normal((n, k)) * temp
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["qdq", "sim"])
+@pytest.mark.parametrize("bits,eta", [(3, 0.01), (4, 0.001), (4, 0.1), (6, 0.02), (8, 0.5)])
+def test_sulq_matches_onnxruntime(mode, bits, eta):
+    x = _softmax_rows()
+    q = sulq_quantizer(float(x.min()), float(x.max()), bits, eta)
+    y, m = _run_act(q, x, mode)
+    np.testing.assert_allclose(y, fake_quant(x, q), rtol=1e-6, atol=1e-7)
+    # every value is a power of two minus η: an integer exponent
+    e = np.log2(y.astype(np.float64) + np.float32(eta))
+    np.testing.assert_allclose(e, np.rint(e), atol=1e-5)
+    # independent float64 reference: uniform code of log2(x + η), then the rounded exponent
+    lo, hi = np.log2(float(x.min()) + eta), np.log2(float(x.max()) + eta)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    step = (hi - lo) / (2 ** bits - 1)
+    zp = np.clip(np.round(-lo / step), 0, 2 ** bits - 1)
+    code = np.clip(np.rint(np.log2(x.astype(np.float64) + eta) / step) + zp, 0, 2 ** bits - 1)
+    ref = 2.0 ** np.rint((code - zp) * step) - eta
+    assert np.mean(np.isclose(y, ref, rtol=1e-5, atol=1e-7)) > 0.999  # float32 ties may differ
+    if mode == "qdq":
+        ops = {n.op_type for n in m.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "Pow", "Round", "Log"} <= ops
+        zp_t = [t for t in m.graph.initializer if t.name.startswith("q_log_zero_point")][0]
+        assert zp_t.data_type == (TensorProto.UINT4 if bits == 4 else TensorProto.UINT8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_sulq_uses_2_to_the_bits_codes(bits):
+    """2^b codes, not the 2^b + 1 of I&S-ViT's forward pass: a range spanning ~10 octaves at
+    η = 0.001 gives exactly 2^b distinct values at 2 and 3 bits (2^b + 1 codes would give one
+    more); at 4 bits the 16 codes round to the 11 exponents -10..0."""
+    x = np.concatenate([_softmax_rows(temp=6.0).ravel(), [0.0, 1.0]]).astype(np.float32)
+    q = sulq_quantizer(0.0, 1.0, bits, 0.001)
+    assert (q.qmin, q.qmax) == (0, 2 ** bits - 1)
+    y, _ = _run_act(q, x, "qdq")
+    assert len(np.unique(y)) == min(2 ** bits, 11)
+    assert y.max() == pytest.approx(1.0 - 0.001, abs=1e-7) and y.min() == pytest.approx(2.0 ** -10 - 0.001, abs=1e-7)
+
+
+def test_sulq_search_picks_the_best_eta():
+    # x = 2^k - 0.02 exactly: SULQ with η = 0.02 at 4 bits (log step < 1) reproduces it, no other η does
+    eta0 = np.float32(0.02)
+    k = np.random.default_rng(0).integers(-6, 1, 3000)
+    x = (np.exp2(k).astype(np.float32) - eta0).astype(np.float32)
+    e, q = search_sulq_scored(x, 4)
+    assert q.shift == pytest.approx(0.02) and e == 0.0
+    assert search_sulq(x, 4) == q
+    # with an output error (x·V, as OPT-m scores attn·V), the choice is the brute-force argmin
+    xs = _softmax_rows(n=64, k=32, seed=3)
+    v = np.random.default_rng(4).standard_normal((32, 16)).astype(np.float32)
+    err = lambda xq: float(np.square((xq - xs) @ v).sum())  # noqa: E731
+    e, q = search_sulq_scored(xs, 3, err)
+    brute = {eta: err(fake_quant(xs, sulq_quantizer(float(xs.min()), float(xs.max()), 3, eta)))
+             for eta in SULQ_ETAS}
+    assert e == min(brute.values()) and q.shift == min(brute, key=brute.get)
+    assert e == err(fake_quant(xs, q))
+
+
+def test_sulq_feeds_and_metadata():
+    """Greedy MP's simulator can switch a slot between SULQ quantizers (and a uniform one) by feeds;
+    an unused SULQ branch stays finite at 8 bits; inspect and describe show η."""
+    from mptq_onnx.inspect import _fmt_q
+    from mptq_onnx.simulate import Simulator, Slot
+    x = _softmax_rows()
+    q8 = uniform_from_range(0.0, 1.0, 8)
+    sim = Simulator(_identity_model(list(x.shape)), [Slot("s", "a0", "id", "x", 0, ["uniform", "sulq"])],
+                    {("s", "a0"): q8})
+    np.testing.assert_allclose(sim.run(x, {}), fake_quant(x, q8), atol=1e-6)
+    for bits, eta in ((3, 0.05), (8, 0.001)):
+        q = sulq_quantizer(0.0, 1.0, bits, eta)
+        np.testing.assert_allclose(sim.run(x, sim.feeds("s", "a0", q)), fake_quant(x, q), rtol=1e-6, atol=1e-7)
+    q = sulq_quantizer(0.0, 1.0, 4, 0.03)
+    assert "η=0.03" in q.describe() and q.describe().startswith("sulq4")
+    assert _fmt_q(q.to_json()).startswith("sulq s=") and "η=0.03" in _fmt_q(q.to_json())

@@ -30,7 +30,7 @@ from ..plan import Context
 from ..quantizers import Quantizer
 from ..simulate import Simulator, Slot, TailScorer, kl_divergence
 from .base import Pass, PassResult
-from .uniform import act_quantizer, weight_quantizer
+from .uniform import site_act_quantizers, uses_sulq, weight_quantizer
 
 CHECK_EVERY = 25  # moves between two measurements of the real KL: for the printed path only, no decision uses it
 RATIO_RANGE = (2.0, 16.0)  # per-bit growth of a move's cost allowed by the extrapolation
@@ -70,11 +70,11 @@ class UniformProvider:
     def acts(self, site, bits: int) -> list[Quantizer]:
         k = ("a", site.name, bits)
         if k not in self._c:
-            self._c[k] = [act_quantizer(self.ctx, a.tensor, bits) for a in site.inputs]
+            self._c[k] = site_act_quantizers(self.ctx, site, bits)
         return self._c[k]
 
     def act_kinds(self, site, i: int) -> list[str]:
-        return ["uniform"]
+        return ["sulq"] if uses_sulq(self.ctx, site.inputs[i]) else ["uniform"]
 
 
 def build_simulator(ctx: Context, prov, a_bits: dict[tuple[str, str], int], w_bits: int) -> Simulator:

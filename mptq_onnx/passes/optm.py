@@ -9,7 +9,11 @@
 - Attention MatMuls: each operand's quantizer minimises the error of the product with the other
   operand in float; post-Softmax values choose between uniform, log2 and log√2 by that error, and
   at 6 bits and up log⁴√2 too (4 codes per octave: there log2 and log√2 waste codes on
-  probabilities too small to matter, and uniform zeroes them).
+  probabilities too small to matter, and uniform zeroes them). SULQ (I&S-ViT's shift-uniform-log2)
+  is no candidate: it won at no site of deit_tiny_tin or swin_tiny_tin at A4 or A3 (tin_calib),
+  its summed relative attn·V error 4.5x / 4.1x the chosen quantizers' (A4 / A3) on deit and
+  9.0x / 2.3x on swin: rounding the exponent leaves it one level per octave of its range.
+  With `softmax_quantizer="sulq"`, SULQ alone (η searched by that error).
 Activation searches use float weights, so the quantizer of each (site, bit-width) is independent
 of the others' bit-widths and Greedy MP can cache them.
 """
@@ -20,7 +24,7 @@ import numpy as np
 from ..graph import GraphIndex, attr
 from ..plan import Context, SitePlan
 from ..quantizers import (Quantizer, fake_quant, log2_quantizer, log_name, region_quantizer,
-                          search_uniform_scored, search_weight)
+                          search_sulq_scored, search_uniform_scored, search_weight)
 from .base import Pass, PassResult
 from .sqb import w_in_out
 from .uniform import skipped
@@ -142,6 +146,9 @@ def opt_matmul_acts(ctx: Context, site, bits: int) -> list[Quantizer]:
     qs = []
     for which, (x, st, inp) in enumerate(((a, sa, site.inputs[0]), (b, sb, site.inputs[1]))):
         err = _product_err(a, b, which)
+        if inp.kind == "post_softmax" and ctx.config.softmax_quantizer == "sulq":
+            qs.append(search_sulq_scored(x, bits, err, lo=st.min, hi=st.max, method="opt-m-sulq")[1])
+            continue
         be, best = search_uniform_scored(x, bits, err, lo=st.min, hi=st.max, grid=GRID, method="opt-m")
         if inp.kind == "post_softmax":
             for k in (1, 2, 4) if bits >= 6 else (1, 2):  # log2, log√2, log⁴√2
@@ -183,7 +190,7 @@ class SiteOptimizer:
         if kind == "post_gelu" and site.op != "act_matmul" and d is not None and d.x is not None:
             return ["region"]
         if kind == "post_softmax" and site.op == "act_matmul":
-            return ["log2", "uniform"]
+            return ["sulq"] if self.ctx.config.softmax_quantizer == "sulq" else ["log2", "uniform"]
         return ["uniform"]
 
     def acts(self, site, bits: int) -> list[Quantizer]:
