@@ -105,7 +105,7 @@ def lean_copy(model: onnx.ModelProto, outputs: list[str] = ()) -> tuple[onnx.Mod
 
 
 def session(model: onnx.ModelProto, threads: int | None = None,
-            external: dict[str, ort.OrtValue | np.ndarray] | None = None) -> ort.InferenceSession:
+            external: dict[str, ort.OrtValue | np.ndarray] | None = None, arena: bool = True) -> ort.InferenceSession:
     """`external`: values of initializers the model holds as external-data placeholders
     (see `external_placeholder`), handed to onnxruntime without serializing them; without it,
     the model's large initializers are handed over so (`lean_copy`)."""
@@ -113,6 +113,7 @@ def session(model: onnx.ModelProto, threads: int | None = None,
         model, external = lean_copy(model)
     so = session_options(threads)
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena
     names = sorted(external or {})
     values = [v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for v in
               (external[n] for n in names)]
@@ -149,7 +150,8 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
     out_name = model.graph.output[0].name
     in_name = image_input(model).name
     lean, external = lean_copy(model, names)
-    sess = session(lean, external=external)
+    # no arena: it keeps its largest size (all the outputs of a batch) for the session's life
+    sess = session(lean, external=external, arena=False)
     del lean
     probe = sess.run(names, {in_name: images[:1]})
     per_image = max(sum(v.nbytes for v in probe), 1)
@@ -200,8 +202,10 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
             seen_full += len(xb)
         del outs  # before the next run allocates its own
     for n in names:
-        if samples[n]:
-            stats[n].sample = np.concatenate(samples[n], axis=0)
+        chunks = samples.pop(n)  # freed as each tensor is joined: not every sample twice at the end
+        if chunks:
+            stats[n].sample = np.concatenate(chunks, axis=0)
+        del chunks
         if stats[n].ch_sum is not None:
             stats[n].ch_sum = stats[n].ch_sum.astype(np.float32)
     return CalibData(images, stats, np.concatenate(logits, axis=0), min(full_images, n_img), batch_size)

@@ -4,11 +4,14 @@
         --configs uniform:8 mptq:4 --ort 8 4 [--calib-size 128] [--per-pass]
 
 Each run is a child process (this script with --child), so its peak RSS is its own: the parent
-reads it from os.wait4's rusage. Images are loaded inside the child and count in its peak. The
-table gives model, config, wall seconds (the child's whole life: import, load, convert, save) and
-peak RSS in GB; --per-pass adds each pass's seconds and the highest RSS sampled during it (every
-20 ms). Run it on an otherwise idle machine. Config syntax: tools/specs.py; --ort BITS runs
-quantize_static W<BITS>A<BITS> MinMax (tools/ort_baseline.py) on the same images.
+reads it from os.wait4's rusage. Images are read inside the child as the CLI reads them (streamed
+from a folder or a memory-mapped .npy; quantize_static gets them loaded, as its tool does). The
+table gives model, config, wall seconds (the child's whole life: imports, loading, conversion,
+saving), convert seconds (the passes and the save; for quantize_static, its call), peak RSS in GB
+and convert seconds over quantize_static's at the same bits (W=A configs, when --ort ran them);
+--per-pass adds each pass's seconds and the highest RSS sampled during it (every 20 ms). Run it on
+an otherwise idle machine. Config syntax: tools/specs.py; --ort BITS runs quantize_static
+W<BITS>A<BITS> MinMax (tools/ort_baseline.py) on the same images.
 """
 from __future__ import annotations
 
@@ -124,13 +127,25 @@ def main(argv=None) -> int:
     if a.child:
         return child(a)
     name = Path(a.model).stem
-    print(f"{'model':<16} {'config':<14} {'images':>6} {'wall s':>7} {'convert s':>9} {'peak RSS GB':>11}")
+    print(f"{'model':<16} {'config':<18} {'images':>6} {'wall s':>7} {'convert s':>9} {'peak RSS GB':>11} "
+          f"{'/ ort time':>10}")
+    ort_s: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="scale_") as tmp:
         for cfg in [f"ort:{b}" for b in a.ort] + list(a.configs):
             r = run_child(a.model, cfg, a.calib, a.calib_size, Path(tmp) / "out.onnx")
-            label = f"quantize_static W{cfg[4:]}A{cfg[4:]}" if cfg.startswith("ort:") else cfg
+            ratio = ""
+            if cfg.startswith("ort:"):
+                label = f"quantize_static:{cfg[4:]}"
+                if "seconds" in r:
+                    ort_s[int(cfg[4:])] = r["seconds"]
+            else:
+                from tools.specs import conversion_config
+                label, c = cfg, conversion_config(cfg)
+                if c.target_bits is None and c.wbits == c.abits and c.wbits in ort_s and "seconds" in r:
+                    ratio = f"x{r['seconds'] / ort_s[c.wbits]:.2f}"  # convert time over quantize_static's
             conv = f"{r['seconds']:9.1f}" if "seconds" in r else f"{r.get('error', ''):>9}"
-            print(f"{name:<16} {label:<14} {a.calib_size:>6} {r['wall']:7.1f} {conv} {r['peak_gb']:11.2f}", flush=True)
+            print(f"{name:<16} {label:<18} {a.calib_size:>6} {r['wall']:7.1f} {conv} {r['peak_gb']:11.2f} {ratio:>10}",
+                  flush=True)
             if a.per_pass and r.get("passes"):
                 print("    " + ", ".join(f"{n} {s:.1f} s / {m:.2f} GB" for n, s, m in r["passes"]), flush=True)
     return 0
