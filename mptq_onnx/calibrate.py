@@ -46,17 +46,8 @@ class CalibData:
     images: np.ndarray                 # the calibration inputs
     stats: dict[str, TensorStats]
     logits: np.ndarray                 # float model outputs on `images`
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-            have.add(n)
-    return m
+    full_images: int = 0               # images the whole-tensor samples hold
+    batch_size: int = 0                # images per onnxruntime run
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -73,16 +64,63 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
+EXTERNAL_BYTES = 1 << 16  # initializers at least this large reach onnxruntime as arrays, not serialized
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return item * int(np.prod(t.dims, dtype=np.int64))
+
+
+def lean_copy(model: onnx.ModelProto, outputs: list[str] = ()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model` (plus graph `outputs`) with its large initializers as external placeholders, and
+    their values for `session(external=)`. Serializing whole models for each session (and
+    onnxruntime parsing them) held up to three copies of vit_base's weights at once."""
+    g = model.graph
+    m = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
+                        producer_version=model.producer_version, domain=model.domain,
+                        model_version=model.model_version)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.name = g.name
+    m.graph.node.extend(g.node)
+    m.graph.input.extend(g.input)
+    m.graph.output.extend(g.output)
+    m.graph.value_info.extend(g.value_info)
+    m.graph.sparse_initializer.extend(g.sparse_initializer)
+    external = {}
+    for t in g.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and t.data_location != onnx.TensorProto.EXTERNAL \
+                and _nbytes(t) >= EXTERNAL_BYTES:
+            external[t.name] = onnx.numpy_helper.to_array(t)
+            m.graph.initializer.append(external_placeholder(t))
+        else:
+            m.graph.initializer.append(t)
+    have = {o.name for o in m.graph.output}
+    for n in outputs:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            have.add(n)
+    return m, external
+
+
 def session(model: onnx.ModelProto, threads: int | None = None,
-            external: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
+            external: dict[str, ort.OrtValue | np.ndarray] | None = None, arena: bool = True) -> ort.InferenceSession:
     """`external`: values of initializers the model holds as external-data placeholders
-    (see `external_placeholder`), handed to onnxruntime without serializing them."""
+    (see `external_placeholder`), handed to onnxruntime without serializing them; without it,
+    the model's large initializers are handed over so (`lean_copy`)."""
+    if external is None:
+        model, external = lean_copy(model)
     so = session_options(threads)
     so.log_severity_level = 3
-    if external:
-        names = sorted(external)
-        so.add_external_initializers(names, [external[n] for n in names])
+    so.enable_cpu_mem_arena = arena
+    names = sorted(external or {})
+    values = [v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for v in
+              (external[n] for n in names)]
+    if names:
+        so.add_external_initializers(names, values)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess._mptq_external = (external, values)  # onnxruntime reads the arrays in place: keep them alive
     fixed = {i.name: i.shape[0] for i in sess.get_inputs()
              if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
     return FixedBatchSession(sess, fixed) if fixed else sess
@@ -126,14 +164,29 @@ def external_placeholder(t: onnx.TensorProto) -> onnx.TensorProto:
 
 def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str],
               full_tensors: list[str] = (), *, row_budget: int = 4096, full_images: int = 16,
-              batch_size: int = 32, seed: int = 0, progress: bool = True) -> CalibData:
-    """Run `model` over `images`; sample rows of `row_tensors`, keep leading slices of `full_tensors`."""
+              batch_size: int = 32, seed: int = 0, progress: bool = True,
+              batch_bytes: int = 256 << 20, full_bytes: int = 256 << 20) -> CalibData:
+    """Run `model` over `images`; sample rows of `row_tensors`, keep leading slices of `full_tensors`.
+
+    Every tensor to quantize is a graph output, so one run holds all of them for its whole batch:
+    the batch is cut to fit `batch_bytes`, and the whole-tensor samples keep at most `full_images`
+    images and `full_bytes` (both measured on one image first; small models keep both limits).
+    """
     full_tensors = [t for t in full_tensors if t not in row_tensors]
     names = list(dict.fromkeys(list(row_tensors) + list(full_tensors)))  # this order draws the row samples
     full_set = set(full_tensors)
     out_name = model.graph.output[0].name
     in_name = image_input(model).name
-    sess = session(_with_outputs(model, names))
+    lean, external = lean_copy(model, names)
+    # no arena: it keeps its largest size (all the outputs of a batch) for the session's life
+    sess = session(lean, external=external, arena=False)
+    del lean
+    probe = sess.run(names, {in_name: images[:1]})
+    per_image = max(sum(v.nbytes for v in probe), 1)
+    per_image_full = max(sum(v.nbytes for n, v in zip(names, probe) if n in full_set), 1)
+    del probe
+    batch_size = max(1, min(batch_size, batch_bytes // per_image))
+    full_images = max(1, min(full_images, full_bytes // per_image_full))
     stats = {n: TensorStats(n) for n in names}
     samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rng = np.random.default_rng(seed)
@@ -175,9 +228,12 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
             samples[n].append(rows[idx].copy())
         if keep_full:
             seen_full += len(xb)
+        del outs  # before the next run allocates its own
     for n in names:
-        if samples[n]:
-            stats[n].sample = np.concatenate(samples[n], axis=0)
+        chunks = samples.pop(n)  # freed as each tensor is joined: not every sample twice at the end
+        if chunks:
+            stats[n].sample = np.concatenate(chunks, axis=0)
+        del chunks
         if stats[n].ch_sum is not None:
             stats[n].ch_sum = stats[n].ch_sum.astype(np.float32)
-    return CalibData(images, stats, np.concatenate(logits, axis=0))
+    return CalibData(images, stats, np.concatenate(logits, axis=0), min(full_images, n_img), batch_size)

@@ -42,7 +42,7 @@ def default_output(src: Path, cfg) -> Path:
 def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force: bool, report_path: Path | None):
     """Shared by `convert` and `demo`: convert, save the model and its JSON report."""
     from .convert import convert
-    from .data import load_calibration
+    from .calibset import open_calibration
     from .modelio import get_preprocess, save_model
     from .outputs import plan_outputs
 
@@ -53,7 +53,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
                         force, may_write={"external data": output.with_name(output.name + ".data")})
     pp = get_preprocess(model)
     t0 = time.perf_counter()
-    images = load_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)
+    images = open_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)  # read batch by batch
     t_load = time.perf_counter() - t0
     ctx = convert(model, images, cfg)
     with plan.staging() as st:  # the model, then the report, land together at the end of the block

@@ -223,9 +223,13 @@ class Editor:
     def annotate(self, node: str, meta: dict[str, str]) -> None:
         self.node_meta.setdefault(node, {}).update(meta)
 
-    def finish(self) -> onnx.ModelProto:
-        m = onnx.ModelProto()
-        m.CopyFrom(self.model)
+    def finish(self, inplace: bool = False) -> onnx.ModelProto:
+        """The edited model: a copy, or (`inplace`) the model given, edited (one copy of the
+        weights less at the peak, where the caller drops the original anyway)."""
+        m = self.model
+        if not inplace:
+            m = onnx.ModelProto()
+            m.CopyFrom(self.model)
         g = m.graph
         nodes = []
         for n in g.node:

@@ -41,6 +41,10 @@ class QuantConfig:
     row_budget: int = 4096            # token rows kept per Linear input for the searches
     full_images: int = 16             # images whose attention tensors are kept whole
     batch_size: int = 32
+    # calibration memory: one batch's tensors to quantize, and the whole-tensor (attention) samples;
+    # both bind only on large models (vit_base at 224: ~95 MB of tensors per image)
+    calib_batch_mb: int = 256
+    full_sample_mb: int = 256
     seed: int = 0
     progress: bool = True
     skip_sites: tuple[str, ...] = ()  # site names (or roles) left in float

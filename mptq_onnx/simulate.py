@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import external_placeholder, session
+from .calibrate import EXTERNAL_BYTES, _nbytes, external_placeholder, session
 from .emit import LN2, Editor
 from .quantizers import Quantizer, sulq_quantizer
 
@@ -138,14 +138,6 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     lp, lq = logsoftmax(ref_logits.astype(np.float64)), logsoftmax(logits.astype(np.float64))
     return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
-
-
-EXTERNAL_BYTES = 1 << 16  # initializers at least this large go to TailScorer's sessions as arrays
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return item * int(np.prod(t.dims, dtype=np.int64))
 
 
 class TailScorer:

@@ -113,7 +113,7 @@ class AttnSmooth(Pass):
         heads, d = q.shape[1], q.shape[3]
         qmax, kmax = np.abs(q).max(axis=(0, 2)), np.abs(k).max(axis=(0, 3))  # [heads, d]
         s = np.clip(np.sqrt(np.maximum(qmax, 1e-6) / np.maximum(kmax, 1e-6)), *S_RANGE).astype(np.float32)
-        n = max(q.shape[0] * MAX_IMAGES // max(min(len(ctx.calib_images), ctx.config.full_images), 1), 1)
+        n = max(q.shape[0] * MAX_IMAGES // max(ctx.calib.full_images, 1), 1)
         qs, ks = q[:n], k[:n]
         ref = qs @ ks
         e0 = _quant_product_err(qs, ks, ctx.config.abits, ref)

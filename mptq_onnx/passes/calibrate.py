@@ -26,8 +26,11 @@ class Calibrate(Pass):
         rows, full = site_tensors(ctx)
         ctx.calib = calibrate(ctx.model, ctx.calib_images, rows, full, row_budget=cfg.row_budget,
                               full_images=cfg.full_images, batch_size=cfg.batch_size, seed=cfg.seed,
-                              progress=cfg.progress)
+                              progress=cfg.progress, batch_bytes=cfg.calib_batch_mb << 20,
+                              full_bytes=cfg.full_sample_mb << 20)
         ctx.report["calibration_images"] = int(len(ctx.calib_images))
+        ctx.report["calibration_batch"] = ctx.calib.batch_size
+        ctx.report["calibration_full_images"] = ctx.calib.full_images
         # elements per image of each quantized activation: the weights of the activation bit average
         ctx.report["act_sizes"] = {k: st.numel / len(ctx.calib_images) for k, st in ctx.calib.stats.items()}
         return PassResult(ctx, False, f"{len(ctx.calib_images)} images, {len(rows) + len(full)} tensors")

@@ -46,7 +46,7 @@ class SiteData:
     def __init__(self, ctx: Context, site, rng: np.random.Generator):
         st = ctx.calib.stats[site.inputs[0].tensor]
         w = ctx.weight(site.weight)
-        self.w_raw = w
+        self._ctx, self._site = ctx, site
         self.x_tensor = st.sample
         self.conv_k = None
         if site.op == "conv":
@@ -59,19 +59,28 @@ class SiteData:
                 return
             self.conv_k = k[0]
             rows = patchify(st.sample, k[0])
-            self.w = w.reshape(w.shape[0], -1).T
         else:
             rows = st.sample
-            self.w = w_in_out(w, site)
+        w = self.w
         self.x_all = rows
         idx = np.sort(rng.choice(len(rows), min(ROWS, len(rows)), replace=False))
         self.x = rows[idx]
         # ‖D W‖² = ‖D P‖² for any P with P Pᵀ = W Wᵀ: the thinner of W and U·sqrt(Λ) (W Wᵀ = U Λ Uᵀ)
-        if self.w.shape[1] <= self.w.shape[0]:
-            self.proj = np.ascontiguousarray(self.w, np.float32)
+        if w.shape[1] <= w.shape[0]:
+            self.proj = np.ascontiguousarray(w, np.float32)
         else:
-            lam, u = np.linalg.eigh(self.w.astype(np.float64) @ self.w.T.astype(np.float64))
+            lam, u = np.linalg.eigh(w.astype(np.float64) @ w.T.astype(np.float64))
             self.proj = (u * np.sqrt(np.maximum(lam, 0.0))).astype(np.float32)
+        self._h = None
+
+    @property
+    def w(self) -> np.ndarray:
+        """The float weight as [in, out], read from the graph each time (no pass changes it after
+        OPT-m's): a copy of every weight per site held vit_base's weights twice."""
+        w = self._ctx.weight(self._site.weight)
+        return w.reshape(w.shape[0], -1).T if self.conv_k is not None else w_in_out(w, self._site)
+
+    def drop_hessian(self) -> None:
         self._h = None
 
     @property
@@ -222,6 +231,8 @@ class OptM(Pass):
             p = SitePlan(site, cfg.wbits if site.weight else None, cfg.site_abits(site))
             if site.weight:
                 p.weight = opt.weight(site, p.w_bits)
+                if cfg.target_bits is None and opt.data(site) is not None:
+                    opt.data(site).drop_hessian()  # only Greedy MP searches weights again; GPTQ forms its own H
             p.acts = opt.acts(site, p.a_bits)
             for q in p.acts:
                 kinds[q.kind] = kinds.get(q.kind, 0) + 1

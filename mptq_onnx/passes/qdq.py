@@ -50,8 +50,9 @@ def site_metadata(p: SitePlan) -> dict[str, str]:
 
 
 def write_plan(model: onnx.ModelProto, plan: dict[str, SitePlan], mode: str = "qdq",
-               feed: bool = False) -> tuple[onnx.ModelProto, dict[str, dict]]:
-    """Insert the plan's quantizers; returns the model and, in sim mode, the fed parameter names."""
+               feed: bool = False, inplace: bool = False) -> tuple[onnx.ModelProto, dict[str, dict]]:
+    """Insert the plan's quantizers; returns the model (`model` itself, edited, if `inplace`) and,
+    in sim mode, the fed parameter names."""
     ed = Editor(model, mode)
     weights = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
@@ -73,7 +74,7 @@ def write_plan(model: onnx.ModelProto, plan: dict[str, SitePlan], mode: str = "q
             ed.use(s.node, list(node.input).index(s.weight), out)
             params[f"{name}/w"] = names
         ed.annotate(s.node, site_metadata(p))
-    return ed.finish(), (params, ed.defaults)
+    return ed.finish(inplace), (params, ed.defaults)
 
 
 def plan_table(plan: dict[str, SitePlan]) -> list[dict]:
@@ -105,7 +106,7 @@ class WriteQDQ(Pass):
     name = "qdq"
 
     def __call__(self, ctx: Context) -> PassResult:
-        ctx.model, _ = write_plan(ctx.model, ctx.plan, "qdq")
+        ctx.model, _ = write_plan(ctx.model, ctx.plan, "qdq", inplace=True)
         ctx.materialized = True
         ctx.invalidate()
         table = plan_table(ctx.plan)

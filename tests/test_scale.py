@@ -1,0 +1,70 @@
+"""Memory of a conversion: calibration batches and samples bounded, images read from disk."""
+import numpy as np
+import pytest
+
+from mptq_onnx.calibrate import calibrate
+from mptq_onnx.calibset import StreamedImages, open_calibration
+from mptq_onnx.convert import convert
+from mptq_onnx.data import load_calibration
+from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
+from mptq_onnx.modelio import get_preprocess
+from mptq_onnx.passes.calibrate import site_tensors
+from mptq_onnx.passes.canonicalize import Canonicalize
+from mptq_onnx.plan import Context, QuantConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_embedded_model()
+
+
+@pytest.fixture(scope="module")
+def calib(model):
+    return load_calibration(embedded_calib_dir(), get_preprocess(model), 32, progress=False)
+
+
+def test_calibration_memory_is_bounded(model, calib):
+    """Batches and whole-tensor samples fit their byte budgets; what calibration keeps, and its
+    peak traced allocations, do not grow with the number of calibration images (past the budgets)."""
+    import tracemalloc
+
+    ctx = Context(model, QuantConfig(progress=False), calib)
+    Canonicalize()(ctx)
+    rows, full = site_tensors(ctx)
+    kept, peaks = [], []
+    for n in (8, 32):
+        x = np.ascontiguousarray(calib[:n])
+        tracemalloc.start()
+        cd = calibrate(ctx.model, x, rows, full, row_budget=64, full_images=16, progress=False,
+                       batch_bytes=4 << 20, full_bytes=2 << 20)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        per_image = sum(cd.stats[t].numel for t in cd.stats) * 4 // n
+        assert cd.batch_size == max(1, (4 << 20) // per_image) < 32
+        full_per_image = sum(cd.stats[t].numel for t in full if t not in rows) * 4 // n
+        assert cd.full_images == max(1, (2 << 20) // full_per_image) < 8
+        for t in rows:
+            assert len(cd.stats[t].sample) <= 64
+        for t in full:
+            if t not in rows:
+                s = cd.stats[t].sample
+                assert s.shape[0] == cd.full_images * s.shape[0] // cd.full_images
+                assert s.nbytes <= cd.full_images * cd.stats[t].numel * 4 // n
+        kept.append(sum(st.sample.nbytes for st in cd.stats.values()))
+    # only the head's one row per image is below the row budget with 8 images
+    assert kept[0] <= kept[1] < 1.01 * kept[0], kept
+    assert peaks[1] < 1.1 * peaks[0], peaks
+
+
+def test_streamed_calibration_gives_the_same_images_and_model(model, calib, tmp_path):
+    pp = get_preprocess(model)
+    s = open_calibration(embedded_calib_dir(), pp, 32, progress=False)
+    assert isinstance(s, StreamedImages) and len(s) == len(calib)
+    assert np.array_equal(s[3:9], calib[3:9]) and s[40:].shape == (0, *calib.shape[1:])
+    np.save(tmp_path / "c.npy", calib)
+    m = open_calibration(tmp_path / "c.npy", pp, 16, progress=False)
+    assert isinstance(m, np.memmap) and np.array_equal(m[:16], calib[:16])
+    cfg = dict(wbits=8, abits=8, progress=False, batch_size=8)
+    a = convert(model, calib[:16], QuantConfig(**cfg), verbose=False).model
+    b = convert(model, m, QuantConfig(**cfg), verbose=False).model
+    assert a.SerializeToString() == b.SerializeToString()

@@ -1,0 +1,155 @@
+"""Time and peak memory of `convert` on a (large) model, next to onnxruntime's `quantize_static`.
+
+    python tools/scale.py --model vit_base.onnx --calib ../shared/data/tin_calib \
+        --configs uniform:8 mptq:4 --ort 8 4 [--calib-size 128] [--per-pass]
+
+Each run is a child process (this script with --child), so its peak RSS is its own: the parent
+reads it from os.wait4's rusage. Images are read inside the child as the CLI reads them (streamed
+from a folder or a memory-mapped .npy; quantize_static gets them loaded, as its tool does). The
+table gives model, config, wall seconds (the child's whole life: imports, loading, conversion,
+saving), convert seconds (the passes and the save; for quantize_static, its call), peak RSS in GB
+and convert seconds over quantize_static's at the same bits (W=A configs, when --ort ran them);
+--per-pass adds each pass's seconds and the highest RSS sampled during it (every 20 ms). Run it on
+an otherwise idle machine. Config syntax: tools/specs.py; --ort BITS runs quantize_static
+W<BITS>A<BITS> MinMax (tools/ort_baseline.py) on the same images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Sampler:
+    """Highest RSS since the last `take()`, sampled in a thread."""
+
+    def __init__(self, every: float = 0.02):
+        self.peak, self.every, self._stop = 0, every, threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, _rss())
+
+    def take(self) -> int:
+        p, self.peak = max(self.peak, _rss()), _rss()
+        return p
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+
+
+def child(a) -> int:
+    import logging
+    from mptq_onnx.data import load_calibration
+    from mptq_onnx.modelio import get_preprocess, load_model, save_model
+    out = Path(a.out)
+    res: dict = {}
+    sampler = _Sampler()
+    if a.config.startswith("ort:"):
+        from tools.ort_baseline import ort_quantize_static
+        logging.getLogger().setLevel(logging.ERROR)
+        bits = int(a.config.split(":")[1])
+        images = load_calibration(a.calib, get_preprocess(load_model(a.model, load_external=False)),
+                                  a.calib_size, progress=False)
+        res["seconds"] = ort_quantize_static(a.model, images, out, bits, bits, "MinMax")
+    else:
+        from mptq_onnx.convert import recipe_passes
+        from mptq_onnx.plan import Context
+        from tools.specs import conversion_config
+        cfg = conversion_config(a.config)
+        cfg.calib_size = a.calib_size
+        cfg.validate()
+        from mptq_onnx.calibset import open_calibration
+        model = load_model(a.model)
+        images = open_calibration(a.calib, get_preprocess(model), a.calib_size, progress=False)  # as the CLI
+        passes = []
+        sampler.take()
+        t0 = time.perf_counter()
+        ctx = Context(model, cfg, images)
+        del model, images
+        for p in recipe_passes(cfg):  # convert()'s loop, with the RSS of each pass
+            t = time.perf_counter()
+            p(ctx)
+            passes.append([p.name, round(time.perf_counter() - t, 2), round(sampler.take() / 1e9, 2)])
+        t = time.perf_counter()
+        save_model(ctx.model, out, force=True)
+        passes.append(["save", round(time.perf_counter() - t, 2), round(sampler.take() / 1e9, 2)])
+        res["seconds"] = time.perf_counter() - t0
+        res["passes"] = passes
+    sampler.stop()
+    print("SCALE " + json.dumps(res))
+    return 0
+
+
+def run_child(model: str, config: str, calib: str, calib_size: int, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--config", config, "--calib", calib,
+           "--calib-size", str(calib_size), "--out", str(out)]
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    text = p.stdout.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"error": f"exit {os.waitstatus_to_exitcode(status)}", "wall": wall, "peak_gb": ru.ru_maxrss / 1e6}
+    line = [ln for ln in text.splitlines() if ln.startswith("SCALE ")][-1]
+    return {**json.loads(line[6:]), "wall": wall, "peak_gb": ru.ru_maxrss / 1e6}  # ru_maxrss: KiB on Linux
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="float ONNX model")
+    ap.add_argument("--calib", required=True, help="ImageFolder or .npy/.npz")
+    ap.add_argument("--configs", nargs="*", default=["uniform:8"])
+    ap.add_argument("--ort", nargs="*", type=int, default=[], help="quantize_static W<b>A<b> MinMax runs")
+    ap.add_argument("--calib-size", type=int, default=128)
+    ap.add_argument("--per-pass", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        return child(a)
+    name = Path(a.model).stem
+    print(f"{'model':<16} {'config':<18} {'images':>6} {'wall s':>7} {'convert s':>9} {'peak RSS GB':>11} "
+          f"{'/ ort time':>10}")
+    ort_s: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="scale_") as tmp:
+        for cfg in [f"ort:{b}" for b in a.ort] + list(a.configs):
+            r = run_child(a.model, cfg, a.calib, a.calib_size, Path(tmp) / "out.onnx")
+            ratio = ""
+            if cfg.startswith("ort:"):
+                label = f"quantize_static:{cfg[4:]}"
+                if "seconds" in r:
+                    ort_s[int(cfg[4:])] = r["seconds"]
+            else:
+                from tools.specs import conversion_config
+                label, c = cfg, conversion_config(cfg)
+                if c.target_bits is None and c.wbits == c.abits and c.wbits in ort_s and "seconds" in r:
+                    ratio = f"x{r['seconds'] / ort_s[c.wbits]:.2f}"  # convert time over quantize_static's
+            conv = f"{r['seconds']:9.1f}" if "seconds" in r else f"{r.get('error', ''):>9}"
+            print(f"{name:<16} {label:<18} {a.calib_size:>6} {r['wall']:7.1f} {conv} {r['peak_gb']:11.2f} {ratio:>10}",
+                  flush=True)
+            if a.per_pass and r.get("passes"):
+                print("    " + ", ".join(f"{n} {s:.1f} s / {m:.2f} GB" for n, s, m in r["passes"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
