@@ -342,15 +342,17 @@ def build_model(source: str, *, pretrained: bool = False, checkpoint=None, cards
 
 
 def _card_classes(card: dict, card_path: Path, n: int) -> list[str] | None:
-    """Class folder names from the card: a `classes` list, or a `class_list` TSV (index, name, ...)
-    found beside the card or one folder up. None when absent or not `n` long."""
+    """Class folder names from the card: a `classes` list, or a `class_list` TSV (index, name, ...).
+    None when absent or not `n` long."""
     if isinstance(card.get("classes"), list):
         names = [str(c) for c in card["classes"]]
         return names if len(names) == n else None
     ref = str(card.get("class_list") or "").split(" ")[0]
     if not ref:
         return None
-    for base in (card_path.parent, card_path.parent.parent):
+    # beside the card, one folder up, or where the shared cards live: the same card found in
+    # models/cards/ or ../shared/models/ must export the same bytes
+    for base in (card_path.parent, card_path.parent.parent, *(d.parent for d in default_card_dirs())):
         f = base / ref
         if f.is_file():
             rows = [ln.split("\t") for ln in f.read_text().splitlines() if ln.strip()]

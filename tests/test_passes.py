@@ -379,7 +379,8 @@ def test_softmax_quantizer_sulq(model, calib):
     assert {r for r, a, k in kinds if a == "post_softmax"} == {"av"}
     assert all(k != "sulq" for r, a, k in kinds if a != "post_softmax")
     qdq, _ = write_plan(ctx.model, ctx.plan, "qdq")
-    assert sum("act.post_softmax=sulq4" in n.doc_string for n in qdq.graph.node) == 12
+    assert sum("act.attn=sulq4" in n.doc_string and "(post_softmax)" in n.doc_string
+               for n in qdq.graph.node) == 12
     imgs = calib[:8]
     prov = UniformProvider(ctx)
     sim = build_simulator(ctx, prov, {(n, "a"): p.a_bits for n, p in ctx.plan.items()}, 8)

@@ -172,7 +172,7 @@ def _reconstruct(model, info, plan, images, settings):
 
     dev = settings.device
     segs = build_segments(model, info, plan, dev)
-    x0 = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    x0 = torch.from_numpy(np.ascontiguousarray(images[:len(images)], np.float32))  # streamed images: one read
     f_env = {segs[0][0].inputs[0]: x0}
     q_env = dict(f_env)
     n = len(x0)
