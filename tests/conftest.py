@@ -6,6 +6,8 @@
   ONNX (opset 21, dynamic batch), cached by arguments; skips without torch/timm.
 * ``deit_tin_onnx`` / ``swin_tin_onnx``: float32 exports of the shared model cards.
 * ``embedded_onnx``: the embedded deit_tiny_tin model (float32) written to a file; needs no torch.
+* ``model`` / ``calib``: the embedded model and 32 of its calibration images, once per test module
+  (a module may define its own ``model`` instead).
 """
 from __future__ import annotations
 
@@ -86,3 +88,19 @@ def embedded_onnx(tmp_path_factory) -> Path:
     from mptq_onnx.modelio import save_model
 
     return save_model(load_embedded_model(), tmp_path_factory.mktemp("embedded") / "deit_tiny_tin.onnx")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from mptq_onnx.embedded import load_embedded_model
+
+    return load_embedded_model()
+
+
+@pytest.fixture(scope="module")
+def calib(model):
+    from mptq_onnx.data import load_calibration
+    from mptq_onnx.embedded import embedded_calib_dir
+    from mptq_onnx.modelio import get_preprocess
+
+    return load_calibration(embedded_calib_dir(), get_preprocess(model), 32, progress=False)

@@ -5,10 +5,7 @@ import pytest
 
 from mptq_onnx.analyze import analyze
 from mptq_onnx.calibrate import session
-from mptq_onnx.data import load_calibration
-from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
 from mptq_onnx.errors import MptqError
-from mptq_onnx.modelio import get_preprocess
 from mptq_onnx.passes.attn_smooth import AttnSmooth
 from mptq_onnx.passes.calibrate import Calibrate
 from mptq_onnx.passes.canonicalize import Canonicalize
@@ -21,16 +18,6 @@ from mptq_onnx.passes.sqb import SmoothQuantBias, _quick_act, group_error
 from mptq_onnx.passes.uniform import UniformParams
 from mptq_onnx.plan import Context, QuantConfig
 from mptq_onnx.simulate import TailScorer, kl_divergence
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_embedded_model()
-
-
-@pytest.fixture(scope="module")
-def calib(model):
-    return load_calibration(embedded_calib_dir(), get_preprocess(model), 32, progress=False)
 
 
 def _run(m, x):

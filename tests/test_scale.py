@@ -1,26 +1,14 @@
 """Memory of a conversion: calibration batches and samples bounded, images read from disk."""
 import numpy as np
-import pytest
 
 from mptq_onnx.calibrate import calibrate
 from mptq_onnx.calibset import StreamedImages, open_calibration
 from mptq_onnx.convert import convert
-from mptq_onnx.data import load_calibration
-from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
+from mptq_onnx.embedded import embedded_calib_dir
 from mptq_onnx.modelio import get_preprocess
 from mptq_onnx.passes.calibrate import site_tensors
 from mptq_onnx.passes.canonicalize import Canonicalize
 from mptq_onnx.plan import Context, QuantConfig
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_embedded_model()
-
-
-@pytest.fixture(scope="module")
-def calib(model):
-    return load_calibration(embedded_calib_dir(), get_preprocess(model), 32, progress=False)
 
 
 def test_calibration_memory_is_bounded(model, calib):
