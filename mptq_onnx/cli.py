@@ -157,7 +157,8 @@ def cmd_deploy(a) -> int:
 
 def _add_quant_args(p):
     p.add_argument("--recipe", default="uniform",
-                   help="uniform | mptq | mptq-paper | sqb | optm (default: uniform); see the README's recipe table")
+                   help="uniform | mptq | mptq-paper | sqb | optm | ias (default: uniform); see the README's recipe "
+                        "table (ias: I&S-ViT, trains in torch)")
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits, 2-8 (default 8)")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
     p.add_argument("--target-bits", type=float, default=None,
@@ -178,9 +179,11 @@ def _add_quant_args(p):
                    help="post-Softmax inputs: the recipe's choice, or SULQ (I&S-ViT) on all of them")
     p.add_argument("--reconstruct", action="store_true",
                    help="block reconstruction: train each block's weights through its quantizers (needs torch)")
-    p.add_argument("--iters", type=int, default=100, help="--reconstruct: iterations per block (default 100)")
-    p.add_argument("--recon-batch", type=int, default=32, help="--reconstruct: images per iteration (default 32)")
-    p.add_argument("--device", default="cpu", help="--reconstruct: cpu | cuda (default cpu)")
+    p.add_argument("--iters", type=int, default=100,
+                   help="--reconstruct and --recipe ias: iterations per block and stage (default 100)")
+    p.add_argument("--recon-batch", type=int, default=32,
+                   help="--reconstruct and --recipe ias: images per iteration (default 32)")
+    p.add_argument("--device", default="cpu", help="--reconstruct and --recipe ias: cpu | cuda (default cpu)")
     p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head; names as in inspect)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the calibration row samples and the searches' subsamples (default 0)")
@@ -200,6 +203,7 @@ run 'mptq-onnx COMMAND -h' for each command's options and examples""",
     "convert": """examples:
   mptq-onnx convert deit.onnx --calib calib_images/ --recipe mptq --wbits 4 --abits 4 -o deit.w4a4.onnx
   mptq-onnx convert deit.onnx --calib calib_images/ --recipe mptq --target-bits 5   # Greedy MP
+  mptq-onnx convert deit.onnx --calib calib_images/ --recipe ias --wbits 4 --abits 4  # I&S-ViT (torch)
   mptq-onnx convert deit.onnx --calib calib.npy                                      # uniform W8A8""",
     "eval": """examples:
   mptq-onnx eval deit.w4a4.onnx --data val_images/

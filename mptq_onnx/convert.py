@@ -15,8 +15,9 @@ from .passes.canonicalize import Canonicalize
 from .passes.optm import OptM
 from .passes.sqb import SmoothQuantBias
 from .passes.greedy_mp import GreedyMP
+from .passes.ias import IasActQuant, IasFold, IasWeights
 from .passes.qdq import WriteQDQ
-from .passes.reconstruct import Reconstruct, require_torch
+from .passes.reconstruct import KeepFloat, Reconstruct, require_torch
 from .passes.rounding import GPTQRounding
 from .passes.uniform import UniformParams
 from .plan import Context, QuantConfig
@@ -34,20 +35,28 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         body = [OptM()]
     elif cfg.recipe == "sqb":  # ablation: SQ-b, then the uniform MSE baseline
         body = [SmoothQuantBias(), UniformParams()]
+    elif cfg.recipe == "ias":  # I&S-ViT: three stages, two of them reconstruction (passes/ias.py)
+        require_torch("--recipe ias")
+        if cfg.target_bits is not None:
+            raise MptqError("--target-bits (Greedy MP) needs a recipe that runs opt-m; --recipe ias does not")
+        return head + [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
+                       IasFold(), IasWeights(), Reconstruct("ias-stage3"), WriteQDQ()]
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
+    if cfg.reconstruct:
+        require_torch()
+        tail.append(KeepFloat())  # before GPTQ moves the weights onto their grids
     if cfg.rounding() == "gptq":
         if not any(isinstance(p, OptM) for p in body):
             raise MptqError(f"--weight-rounding gptq needs a recipe that runs opt-m, not {cfg.recipe!r}")
         tail.append(GPTQRounding())  # after Greedy MP: it needs the final bit-widths
     if cfg.reconstruct:
-        require_torch()
         tail.append(Reconstruct())  # last: trains the weights through the final quantizers
     return head + body + tail + [WriteQDQ()]
 
 
-RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm")
+RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm", "ias")
 
 
 def convert(model: onnx.ModelProto, calib_images: np.ndarray, cfg: QuantConfig,

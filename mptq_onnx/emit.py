@@ -122,11 +122,12 @@ class Editor:
             zn = self.const(base + "_zero_point", None, tensor=zp)
         else:
             zn = self.const(base + "_zero_point", np.asarray(q.zero_point).astype(npt))
-        t = self.node(at, "QuantizeLinear", [x, sn, zn], base + "_q")
+        ax = {"axis": q.axis} if q.axis is not None and np.ndim(s) == 1 else {}  # per-channel activations
+        t = self.node(at, "QuantizeLinear", [x, sn, zn], base + "_q", **ax)
         if clip:
             t = self.node(at, "Clip", [t, self.const(base + "_qmin", npt(q.qmin)),
                                        self.const(base + "_qmax", npt(q.qmax))], base + "_qclip")
-        return self.node(at, "DequantizeLinear", [t, sn, zn], base + "_dq"), {}
+        return self.node(at, "DequantizeLinear", [t, sn, zn], base + "_dq", **ax), {}
 
     def _region(self, at, x, q, base, feed):
         zero = self.const(base + "_zero", np.float32(0))

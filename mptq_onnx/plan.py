@@ -133,6 +133,7 @@ class Context:
         self.report: dict = {"passes": []}
         self.materialized = False
         self.site_optimizer = None  # OPT-m's cache of per-(site, bits) quantizers, reused by Greedy MP
+        self.teacher: onnx.ModelProto | None = None  # the float model reconstruction aims at (KeepFloat)
         self._info: GraphInfo | None = None
         self.t0 = time.perf_counter()
 

@@ -16,8 +16,8 @@ from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
 from mptq_onnx.modelio import get_preprocess
 from mptq_onnx.passes.base import PassManager
 from mptq_onnx.plan import Context, QuantConfig
-from mptq_onnx.quantizers import (fake_quant, log2_quantizer, region_quantizer, symmetric_per_channel,
-                                  uniform_from_range)
+from mptq_onnx.quantizers import (fake_quant, log2_quantizer, region_quantizer, sulq_quantizer,
+                                  symmetric_per_channel, uniform_from_range)
 
 torch = pytest.importorskip("torch", reason="needs torch")
 pytestmark = pytest.mark.needs_torch
@@ -44,7 +44,8 @@ def test_fake_quantizers_match_numpy():
     w = rng.standard_normal((16, 8)).astype(np.float32)
     qs = [(x, uniform_from_range(-3.0, 5.0, 4)), (x, uniform_from_range(-1.0, 2.0, 3)),
           (w, symmetric_per_channel(w, 1, 4)), (x, region_quantizer(-0.4, 3.0, 4, 2)),
-          (np.abs(x), log2_quantizer(2.5, 4)), (np.abs(x), log2_quantizer(2.5, 4, steps_per_octave=2))]
+          (np.abs(x), log2_quantizer(2.5, 4)), (np.abs(x), log2_quantizer(2.5, 4, steps_per_octave=2)),
+          (np.abs(x) / 8, sulq_quantizer(0.0, 1.0, 4, 0.01)), (np.abs(x) / 8, sulq_quantizer(0.0, 1.0, 3, 0.2))]
     for a, q in qs:
         got = fake_quantizer(q)(torch.from_numpy(a)).numpy()
         np.testing.assert_array_equal(got, fake_quant(a, q), err_msg=q.describe())
@@ -52,6 +53,28 @@ def test_fake_quantizers_match_numpy():
     t = torch.from_numpy(w).requires_grad_()
     fake_quantizer(symmetric_per_channel(w, 1, 4))(t).sum().backward()
     assert t.grad is not None and float(t.grad.abs().sum()) > 0
+
+
+def test_fake_quantizer_gradients_are_straight_through():
+    """The fused uniform and region quantizers pass the gradient (1) where the rounded value lies
+    inside the code range, bounds included (so a channel's largest weight trains too), and 0 where
+    it is clipped."""
+    from mptq_onnx.recon import fake_quantizer
+    x = torch.linspace(-6, 6, 601, dtype=torch.float32)
+
+    def grad(f):
+        t = x.clone().requires_grad_()
+        f(t).sum().backward()
+        return t.grad
+
+    q = uniform_from_range(-3.0, 5.0, 4)
+    r = torch.round(x / float(q.scale)) + int(q.zero_point)
+    ref = ((r >= q.qmin) & (r <= q.qmax)).float()
+    assert torch.equal(grad(fake_quantizer(q)), ref) and 0 < float(ref.sum()) < len(x)
+    g = region_quantizer(-0.4, 3.0, 4, 2)
+    rp, rn = torch.round(x / float(g.scale)), torch.round(x / g.neg_scale)
+    ref = (((x > 0) & (rp <= g.qmax)) | ((x <= 0) & (rn >= g.qmin))).float()
+    assert torch.equal(grad(fake_quantizer(g)), ref) and 0 < float(ref.sum()) < len(x)
 
 
 def test_torch_blocks_match_onnxruntime(planned):
@@ -106,7 +129,7 @@ def test_cli_convert_with_reconstruct(embedded_onnx, tmp_path):
                "--calib-size", "16", "-o", str(out), "-q"])
     assert rc == 0 and out.exists()
     rep = json.loads(out.with_suffix(".report.json").read_text())
-    rows = rep["reconstruct"]
+    rows = rep["reconstruct"]["reconstruct"]
     assert len(rows) == 14 and all("loss_after" in r for r in rows)
     assert any(p["pass"] == "reconstruct" for p in rep["passes"])
     methods = {r["method"] for r in rep["layers"] if r["w_bits"]}
@@ -119,3 +142,48 @@ def test_reconstruct_without_torch_is_one_line_error(embedded_onnx, tmp_path, mo
                str(embedded_calib_dir()), "--calib-size", "4", "-o", str(tmp_path / "q.onnx"), "-q"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "pip install" in err and "torch" in err
+
+
+def test_ias_fold_leaves_float_and_quantized_model_unchanged():
+    """I&S-ViT's stage 2: per-channel quantizers of qkv/fc1 inputs folded into per-tensor ones
+    change neither the float model nor the quantized one (the same integer codes)."""
+    from mptq_onnx.passes.calibrate import Calibrate
+    from mptq_onnx.passes.canonicalize import Canonicalize
+    from mptq_onnx.passes.ias import IasActQuant, IasFold
+    from mptq_onnx.recon import run_segments
+    m = load_embedded_model()
+    imgs = load_calibration(embedded_calib_dir(), get_preprocess(m), 16, progress=False)
+    ctx = Context(m, QuantConfig(recipe="ias", wbits=4, abits=4, calib_size=16, progress=False), imgs)
+    PassManager([Canonicalize(), Calibrate(), IasActQuant()], verbose=False)(ctx)
+    per_channel = {p.site.role for p in ctx.plan.values() if p.acts and p.acts[0] is not None and p.acts[0].axis is not None}
+    assert per_channel == {"qkv", "fc1"}
+    x = imgs[:8]
+    before_q = run_segments(ctx.model, ctx.info, ctx.plan, x, quant=True)
+    before_f = run_segments(ctx.model, ctx.info, ctx.plan, x, quant=False)
+    gamma = ctx.weight(ctx.info.ln_groups[0].gamma).copy()
+    PassManager([IasFold()], verbose=False)(ctx)  # also checks the float model through onnxruntime
+    assert not np.array_equal(gamma, ctx.weight(ctx.info.ln_groups[0].gamma))  # the fold did something
+    assert all(p.acts[0].axis is None for p in ctx.plan.values() if p.acts and p.acts[0] is not None)
+    after_q = run_segments(ctx.model, ctx.info, ctx.plan, x, quant=True)
+    after_f = run_segments(ctx.model, ctx.info, ctx.plan, x, quant=False)
+    scale = np.abs(before_f).max()
+    assert np.abs(after_f - before_f).max() < 1e-4 * scale
+    assert np.abs(after_q - before_q).max() < 1e-3 * scale  # a rounding tie may move one code
+    assert np.abs(after_q - before_q).mean() < 1e-5 * scale
+
+
+def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
+    """--recipe ias end to end: both reconstruction stages train and are reported."""
+    out = tmp_path / "q.onnx"
+    rc = main(["convert", str(embedded_onnx), "--recipe", "ias", "--wbits", "4", "--abits", "4",
+               "--iters", "2", "--recon-batch", "8", "--calib", str(embedded_calib_dir()),
+               "--calib-size", "8", "-o", str(out), "-q"])
+    assert rc == 0 and out.exists()
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert [p["pass"] for p in rep["passes"]][2:] == ["ias-act", "keep-float", "ias-stage1", "ias-fold",
+                                                     "ias-weights", "ias-stage3", "qdq"]
+    for stage in ("ias-stage1", "ias-stage3"):
+        assert len(rep["reconstruct"][stage]) == 14
+    assert {r["w_bits"] for r in rep["layers"] if r["w_bits"]} == {4}
+    kinds = {q.op_type for q in onnx.load(str(out)).graph.node}
+    assert "Log" in kinds  # SULQ on the post-Softmax inputs

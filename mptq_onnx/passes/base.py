@@ -45,6 +45,8 @@ class PassManager:
     def __call__(self, ctx: Context) -> PassResult:
         modified = False
         for p in self.passes:
+            # once weights were trained away from float, "unchanged" means unchanged by this pass
+            ref = float_outputs(ctx) if p.preserves_float and ctx.teacher is not None else None
             t = time.perf_counter()
             res = p(ctx)
             dt = time.perf_counter() - t
@@ -54,7 +56,7 @@ class PassManager:
             if self.verbose:
                 print(f"[{p.name}] {dt:6.1f}s  {res.summary}", file=sys.stderr)
             if p.preserves_float:
-                check_float(ctx, p.name)
+                check_float(ctx, p.name, ref)
         return PassResult(ctx, modified)
 
 
@@ -62,20 +64,28 @@ def float_tolerance(ref_absmax: float) -> float:
     return 1e-3 * ref_absmax + 1e-4
 
 
-def float_drift(ctx: Context, n: int = FLOAT_CHECK_IMAGES) -> tuple[float, float]:
-    """(max |Δlogit|, its tolerance) of the graph now against the float logits recorded at
-    calibration, on the first `n` calibration images."""
+def float_outputs(ctx: Context, n: int = FLOAT_CHECK_IMAGES) -> np.ndarray | None:
+    """The graph's outputs now on the first `n` calibration images (None before calibration)."""
+    if ctx.calib is None or ctx.calib_images is None or ctx.materialized:
+        return None
     x = ctx.calib_images[:n]
-    ref = ctx.calib.logits[:len(x)]
-    y = session(ctx.model).run([ctx.model.graph.output[0].name], {image_input(ctx.model).name: x})[0]
+    return session(ctx.model).run([ctx.model.graph.output[0].name], {image_input(ctx.model).name: x})[0]
+
+
+def float_drift(ctx: Context, n: int = FLOAT_CHECK_IMAGES, ref: np.ndarray | None = None) -> tuple[float, float]:
+    """(max |Δlogit|, its tolerance) of the graph now against `ref`, by default the float logits
+    recorded at calibration, on the first `n` calibration images."""
+    y = float_outputs(ctx, n)
+    ref = ctx.calib.logits[:len(y)] if ref is None else ref
     return float(np.abs(y - ref).max()), float_tolerance(float(np.abs(ref).max()))
 
 
-def check_float(ctx: Context, pass_name: str) -> None:
-    """Raise MptqError if the graph's float outputs moved since calibration (a rewrite went wrong)."""
+def check_float(ctx: Context, pass_name: str, ref: np.ndarray | None = None) -> None:
+    """Raise MptqError if the graph's float outputs moved since calibration (or since `ref`, the
+    outputs before the pass), i.e. a rewrite went wrong."""
     if ctx.calib is None or ctx.calib_images is None or ctx.materialized:
         return
-    d, tol = float_drift(ctx)
+    d, tol = float_drift(ctx, ref=ref)
     ctx.report.setdefault("float_check", {})[pass_name] = d
     if not d <= tol:  # NaN fails too
         raise MptqError(f"pass {pass_name!r} should keep the float model but changed its outputs by up to {d:.3g} "

@@ -1,7 +1,14 @@
 """Block reconstruction (I&S-ViT's last stage): train each block's weights and biases through its
 frozen quantizers to match the float block. Thin: the torch work is in `mptq_onnx.recon`, imported
-only here, when the pass runs."""
+only here, when the pass runs.
+
+`KeepFloat` stores the float model before the first pass that moves weights off it (GPTQ
+rounding, I&S-ViT's first stage), so that reconstruction aims at the float model's blocks and not
+at blocks whose weights were already rounded or trained.
+"""
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -12,16 +19,32 @@ from .base import Pass, PassResult
 TORCH_HINT = "--reconstruct needs torch: pip install 'mptq-onnx[export]' (or pip install torch)"
 
 
-def require_torch() -> None:
+def require_torch(what: str = "--reconstruct") -> None:
     """Fail early, in one line, where torch is missing (before the minutes of the passes before)."""
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise MptqError(TORCH_HINT) from None
+        raise MptqError(TORCH_HINT.replace("--reconstruct", what)) from None
+
+
+class KeepFloat(Pass):
+    name = "keep-float"
+
+    def __call__(self, ctx: Context) -> PassResult:
+        if ctx.teacher is None:
+            ctx.teacher = copy.deepcopy(ctx.model)
+        return PassResult(ctx, False, "float model kept as the reconstruction target")
 
 
 class Reconstruct(Pass):
+    """Train weights and biases block by block. `float_weights`/`quant_inputs`: see ReconSettings
+    (I&S-ViT's first stage sets float_weights=True, quant_inputs=False)."""
     name = "reconstruct"
+
+    def __init__(self, name: str = "reconstruct", float_weights: bool = False, quant_inputs: bool = True):
+        self.name = name
+        self.float_weights = float_weights
+        self.quant_inputs = quant_inputs
 
     def __call__(self, ctx: Context) -> PassResult:
         require_torch()
@@ -32,17 +55,18 @@ class Reconstruct(Pass):
             if not torch.cuda.is_available():
                 raise MptqError(f"--device {cfg.device}: torch sees no CUDA device")
         st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
-                           seed=cfg.seed, progress=cfg.progress)
+                           seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
+                           quant_inputs=self.quant_inputs)
         try:
-            new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, ctx.calib_images, st)
+            new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, ctx.calib_images, st, ctx.teacher)
         except NotImplementedError as e:
-            raise MptqError(f"--reconstruct: {e}") from None
+            raise MptqError(f"{self.name}: {e}") from None
         for name, w in new.items():
             ctx.set_initializer(name, w)
         for p in ctx.plan.values():
-            if p.weight is not None and p.site.weight in new:
+            if p.site.weight in new:
                 p.methods.append("recon")
-        ctx.report["reconstruct"] = rows
+        ctx.report.setdefault("reconstruct", {})[self.name] = rows
         trained = [r for r in rows if "loss_after" in r]
         if not trained:
             return PassResult(ctx, False, "nothing to train")

@@ -6,7 +6,8 @@ lies where the fewest activations are alive, which is the residual stream betwee
 each segment in order, its weights and biases are trained (Adam, cosine lr, quantizers frozen,
 straight-through rounding) so that the fake-quantized segment, fed the quantized model's
 activations (earlier segments already reconstructed), matches the float segment fed the float
-model's activations (MSE).
+model's activations (MSE). The float model is `teacher` where passes before changed the weights
+(GPTQ rounding, I&S-ViT's first stage), else the graph itself with its quantizers off.
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class ReconSettings:
     # torch threads while training: on the shared 2-core machine (load ~36) one thread ran a deit
     # block iteration (batch 32) in 1.2 s wall / 0.4 s CPU, two threads in 9.5 s / 3.1 s
     threads: int | None = 1
+    # I&S-ViT's first stage: train the weights that stay float too (activations quantized only),
+    # on the float model's block inputs rather than the quantized model's
+    float_weights: bool = False
+    quant_inputs: bool = True
 
 
 @dataclasses.dataclass
@@ -105,9 +110,11 @@ def plan_segments(model: onnx.ModelProto, info: GraphInfo, site_names: list[str]
             for k, (key, (_, _, names)) in enumerate(order)]
 
 
-def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: str = "cpu"):
+def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: str = "cpu",
+                   float_weights: bool = False, specs: list[SegmentSpec] | None = None):
     """(spec, torch Segment) per segment, with the plan's fake quantizers hooked in and the
-    weights and biases of its weight-quantized sites as parameters."""
+    weights and biases of its weight-quantized sites (of every planned site with a weight, if
+    `float_weights`) as parameters. `specs`: cut at these segments' boundaries (by tensor name)."""
     consts = _const_tensors(model.graph)
     nodes = list(model.graph.node)
     by_name = {n.name: n for n in nodes}
@@ -121,8 +128,9 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
                 hooks[(s.node, list(node.input).index(a.tensor))] = fake_quantizer(q, device)
         if p.weight is not None:
             hooks[(s.node, list(node.input).index(s.weight))] = fake_quantizer(p.weight, device)
+        if p.weight is not None or (float_weights and s.weight):
             trainable += [s.weight] + ([s.bias] if s.bias else [])
-    specs = plan_segments(model, info, list(plan), consts)
+    specs = match_segments(plan_segments(model, info, list(plan), consts), specs)
     out = []
     for sp in specs:
         for t in sp.inputs + sp.outputs:
@@ -133,6 +141,13 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
         seg.consts = {k: v.to(device) for k, v in seg.consts.items()}
         out.append((sp, seg))
     return out
+
+
+def match_segments(mine: list[SegmentSpec], ref: list[SegmentSpec] | None) -> list[SegmentSpec]:
+    """`mine`, checked to cut the graph where `ref` (another model's segments) does."""
+    if ref is not None and [(m.name, m.inputs, m.outputs) for m in mine] != [(r.name, r.inputs, r.outputs) for r in ref]:
+        raise NotImplementedError("the float reference model's blocks do not line up with the quantized model's")
+    return mine
 
 
 def _batched(seg: Segment, xs: list[torch.Tensor], quant: bool, bs: int, device: str) -> list[torch.Tensor]:
@@ -155,37 +170,47 @@ def _loss(seg, xs, ts, bs, device) -> float:
 
 
 def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.ndarray,
-                settings: ReconSettings) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Trained weights and biases by initializer name, and a report row per segment."""
+                settings: ReconSettings, teacher: onnx.ModelProto | None = None,
+                ) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Trained weights and biases by initializer name, and a report row per segment. `teacher`:
+    the float model whose block outputs are the targets (default: `model` without quantizers)."""
     if settings.threads is None:
-        return _reconstruct(model, info, plan, images, settings)
+        return _reconstruct(model, info, plan, images, settings, teacher)
     before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _reconstruct(model, info, plan, images, settings)
+        return _reconstruct(model, info, plan, images, settings, teacher)
     finally:
         torch.set_num_threads(before)  # torch's setting is process-wide: leave it as it was
 
 
-def _reconstruct(model, info, plan, images, settings):
+def _reconstruct(model, info, plan, images, settings, teacher):
     from tqdm import tqdm
 
+    from ..analyze import analyze
+
     dev = settings.device
-    segs = build_segments(model, info, plan, dev)
+    segs = build_segments(model, info, plan, dev, settings.float_weights)
+    if teacher is not None:
+        t_info = analyze(teacher)
+        t_plan = {n: dataclasses.replace(p, site=t_info.site(n), weight=None, acts=[]) for n, p in plan.items()}
+        t_segs = [t for _, t in build_segments(teacher, t_info, t_plan, dev, specs=[sp for sp, _ in segs])]
+    else:
+        t_segs = [seg for _, seg in segs]
     x0 = torch.from_numpy(np.ascontiguousarray(images[:len(images)], np.float32))  # streamed images: one read
     f_env = {segs[0][0].inputs[0]: x0}
     q_env = dict(f_env)
     n = len(x0)
     new: dict[str, np.ndarray] = {}
     rows = []
-    for k, (sp, seg) in enumerate(segs):
+    for k, ((sp, seg), t_seg) in enumerate(zip(segs, t_segs)):
         t0 = time.perf_counter()
         fx = [f_env[t] for t in sp.inputs]
-        qx = [q_env[t] for t in sp.inputs]
+        qx = [q_env[t] for t in sp.inputs] if settings.quant_inputs else fx
         for t in fx:
             if not t.is_floating_point() or len(t) != n:
                 raise NotImplementedError(f"segment {sp.name}: input {t} is not a batch of activations")
-        targets = _batched(seg, fx, False, settings.eval_batch, dev)
+        targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names)}
         if seg.param_names and settings.iters > 0:
             before = _loss(seg, qx, targets, settings.eval_batch, dev)
@@ -208,7 +233,7 @@ def _reconstruct(model, info, plan, images, settings):
             row.update(loss_before=before, loss_after=after)
             for name, p in zip(seg.param_names, seg.weights):
                 new[name] = p.detach().cpu().numpy().astype(np.float32)
-        qy = _batched(seg, qx, True, settings.eval_batch, dev)
+        qy = _batched(seg, qx, True, settings.eval_batch, dev) if settings.quant_inputs else targets
         for env, ys in ((f_env, targets), (q_env, qy)):
             for t in [t for t in env if t not in sp.outputs]:
                 del env[t]

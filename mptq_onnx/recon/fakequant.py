@@ -29,17 +29,52 @@ def _per_axis(v: np.ndarray, axis: int | None, ndim: int, device) -> torch.Tenso
     return t.reshape(shape)
 
 
+class _UniformSTE(torch.autograd.Function):
+    """clip(round(x/s), lo, hi)·s with the straight-through gradient 1 where round(x/s) lies in
+    [lo, hi] (what autograd gives the composed ops): one node and one saved mask instead of the
+    five ops' saved tensors, for about half the fake-quantization time of a training step."""
+
+    @staticmethod
+    def forward(ctx, x, s, lo, hi):
+        r = torch.round(x / s)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((r >= lo) & (r <= hi))
+        return torch.clamp(r, lo, hi).mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask, None, None, None
+
+
+class _RegionSTE(torch.autograd.Function):
+    """The region quantizer (positive and negative parts on their own scales), gradient 1 where
+    the value lies inside its part's range."""
+
+    @staticmethod
+    def forward(ctx, x, sp, sn, qmin, qmax):
+        rp = torch.round(torch.relu(x) / sp)
+        rn = torch.round(torch.clamp(x, max=0.0) / sn)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(((x > 0) & (rp <= qmax)) | ((x <= 0) & (rn >= qmin)))
+        return torch.clamp(rp, 0, qmax).mul_(sp).add_(torch.clamp(rn, qmin, 0).mul_(sn))
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask, None, None, None, None
+
+
 def _uniform(q: Quantizer, device):
     zp = np.asarray(q.zero_point, np.float32)
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def fq(x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in cache:
-            cache[x.dim()] = (_per_axis(q.scale, q.axis, x.dim(), device), _per_axis(zp, q.axis, x.dim(), device))
-        s, z = cache[x.dim()]
+            z = _per_axis(zp, q.axis, x.dim(), device)
+            cache[x.dim()] = (_per_axis(q.scale, q.axis, x.dim(), device), q.qmin - z, q.qmax - z)
         # (clip(round(x/s) + z, qmin, qmax) - z)·s, as QuantizeLinear then DequantizeLinear
-        y = torch.clamp(round_ste(x / s), q.qmin - z, q.qmax - z)
-        return y * s
+        return _UniformSTE.apply(x, *cache[x.dim()])
     return fq
 
 
@@ -48,9 +83,7 @@ def _region(q: Quantizer, device):
     sn = torch.tensor(q.neg_scale, dtype=torch.float32, device=device)
 
     def fq(x: torch.Tensor) -> torch.Tensor:
-        pos = torch.clamp(round_ste(torch.relu(x) / sp), 0, q.qmax) * sp
-        neg = torch.clamp(round_ste(torch.clamp(x, max=0.0) / sn), q.qmin, 0) * sn
-        return pos + neg
+        return _RegionSTE.apply(x, sp, sn, q.qmin, q.qmax)
     return fq
 
 
@@ -71,7 +104,21 @@ def _log2(q: Quantizer, device):
     return fq
 
 
-FAKE = {"uniform": _uniform, "region": _region, "log2": _log2}
+def _sulq(q: Quantizer, device):
+    f32 = dict(dtype=torch.float32, device=device)
+    eta = torch.tensor(np.float32(q.shift).item(), **f32)
+    inv_ln2 = torch.tensor(np.float32(1.0 / math.log(2.0)).item(), **f32)
+    tiny, two = torch.tensor(1e-30, **f32), torch.tensor(2.0, **f32)
+    log_domain = _uniform(q, device)  # the uniform quantizer of log2(x + η)
+
+    def fq(x: torch.Tensor) -> torch.Tensor:
+        # the op sequence of emit.Editor._sulq; the exponent's rounding is straight-through too
+        t = torch.log(torch.maximum(x + eta, tiny)) * inv_ln2
+        return torch.pow(two, round_ste(log_domain(t))) - eta
+    return fq
+
+
+FAKE = {"uniform": _uniform, "region": _region, "log2": _log2, "sulq": _sulq}
 
 
 def fake_quantizer(q: Quantizer, device="cpu"):

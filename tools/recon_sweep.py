@@ -1,0 +1,106 @@
+"""Reconstruction settings compared on one conversion: the passes before the first reconstruction
+run once, then each variant reconstructs (and writes QDQ) from a copy of that state.
+
+    python tools/recon_sweep.py --card deit_tiny_tin --spec mptq:4 \
+        --variants iters=0 recon_lr=4e-5 recon_lr=1e-4 recon_lr=3e-4,recon_iters=200
+
+A variant is comma-separated QuantConfig fields (recon_lr, recon_iters, recon_batch, seed, ...;
+`iters` is short for recon_iters). Calibrates on the spec's calib_size images of tin_calib (128
+unless :calib_size=N) and evaluates on the tin_calib images outside that set (as
+tools/fidelity.py --holdout): for choosing settings, not for reporting. Prints KL to float, top-1
+agreement, top-1 and the reconstruction's seconds per variant; --out appends JSON lines.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mptq_onnx.calibrate import session  # noqa: E402
+from mptq_onnx.convert import recipe_passes  # noqa: E402
+from mptq_onnx.data import ImageFolder, iter_batches, load_calibration  # noqa: E402
+from mptq_onnx.modelio import get_preprocess, load_model  # noqa: E402
+from mptq_onnx.passes.base import PassManager  # noqa: E402
+from mptq_onnx.passes.reconstruct import Reconstruct  # noqa: E402
+from mptq_onnx.plan import Context  # noqa: E402
+from mptq_onnx.simulate import kl_divergence  # noqa: E402
+from tools.fidelity import holdout_indices  # noqa: E402
+from tools.specs import float_model, quant_config, _parse_like  # noqa: E402
+
+
+def parse_variant(v: str, cfg) -> dict:
+    out = {}
+    for kv in v.split(","):
+        k, val = kv.split("=", 1)
+        k = {"iters": "recon_iters", "lr": "recon_lr", "batch": "recon_batch"}.get(k, k)
+        if not hasattr(cfg, k):
+            raise SystemExit(f"{v}: {k!r} is not a QuantConfig field")
+        out[k] = _parse_like(getattr(cfg, k), val)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--card", required=True)
+    ap.add_argument("--spec", required=True, help="RECIPE:BITS[:FIELD=VALUE...] (tools/specs.py); "
+                    "reconstruction is switched on")
+    ap.add_argument("--variants", nargs="+", required=True)
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--work", default=str(REPO / "runs"))
+    ap.add_argument("--out", default=None, help="append one JSON line per variant")
+    a = ap.parse_args(argv)
+    cfg, rest = quant_config(a.spec)
+    if rest:
+        raise SystemExit(f"{a.spec}: unknown modifiers {rest}")
+    cfg.reconstruct, cfg.progress = True, False
+    variants = [(v, parse_variant(v, cfg)) for v in a.variants]  # typos fail before any work
+    shared = Path(a.shared)
+    calib_dir = shared / "data" / "tin_calib"
+    float_path = float_model(a.card, shared, Path(a.work))
+    pp = get_preprocess(load_model(float_path))
+    ds = ImageFolder(calib_dir, pp)
+    xs, ys = zip(*iter_batches(ds, 64, holdout_indices(len(ds), [cfg.calib_size])))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+
+    def logits(model):
+        s = session(model)
+        name = s.get_inputs()[0].name
+        return np.concatenate([s.run(None, {name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
+
+    ref = logits(load_model(float_path))
+    print(f"{a.card} on {len(x)} held-out images of tin_calib: float top-1 {(ref.argmax(1) == y).mean():.4f}")
+    passes = recipe_passes(cfg)
+    first = next(i for i, p in enumerate(passes) if isinstance(p, Reconstruct))
+    ctx = Context(load_model(float_path), cfg, load_calibration(calib_dir, pp, cfg.calib_size, progress=False))
+    t = time.perf_counter()
+    PassManager(passes[:first], verbose=False)(ctx)
+    print(f"{a.spec}: passes before reconstruction {time.perf_counter() - t:.0f}s", flush=True)
+    for name, fields in variants:
+        c = copy.deepcopy(ctx)
+        c.config = dataclasses.replace(cfg, **fields)
+        t = time.perf_counter()
+        PassManager(passes[first:], verbose=False)(c)
+        dt = time.perf_counter() - t
+        z = logits(c.model)
+        row = {"card": a.card, "spec": a.spec, "variant": name, "kl": round(kl_divergence(ref, z), 5),
+               "agree": round(float((z.argmax(1) == ref.argmax(1)).mean()), 4),
+               "top1": round(float((z.argmax(1) == y).mean()), 4), "seconds": round(dt, 1)}
+        print(f"{name:40s} KL {row['kl']:.4f}  agree {row['agree']:.4f}  top-1 {row['top1']:.4f}  {dt:.0f}s",
+              flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
