@@ -39,8 +39,9 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         require_torch("--recipe ias")
         if cfg.target_bits is not None:
             raise MptqError("--target-bits (Greedy MP) needs a recipe that runs opt-m; --recipe ias does not")
-        return head + [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
-                       IasFold(), IasWeights(), Reconstruct("ias-stage3"), WriteQDQ()]
+        stages = [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
+                  IasFold(), IasWeights(), Reconstruct("ias-stage3")]
+        return head + stages[:{1: 3, 2: 4, 3: 6}[cfg.ias_stages]] + [WriteQDQ()]
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []

@@ -60,6 +60,9 @@ class QuantConfig:
     # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
     # shift-uniform-log2) on every one of them
     softmax_quantizer: str = "default"
+    # ias recipe, for ablations: 1 stops after stage 1 (per-channel activations, float weights),
+    # 2 after the fold (weights float), 3 runs all of I&S-ViT
+    ias_stages: int = 3
 
     def rounding(self) -> str:
         """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
@@ -104,6 +107,8 @@ class QuantConfig:
             raise MptqError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.softmax_quantizer not in ("default", "sulq"):
             raise MptqError(f"--softmax-quantizer must be 'default' or 'sulq', got {self.softmax_quantizer!r}")
+        if self.ias_stages not in (1, 2, 3):
+            raise MptqError(f"ias_stages must be 1, 2 or 3, got {self.ias_stages}")
         if self.act_method not in ("minmax", "mse") or self.weight_method not in ("minmax", "mse"):
             raise MptqError("--act-method/--weight-method must be 'minmax' or 'mse'")
 
