@@ -56,6 +56,7 @@ class QuantConfig:
     recon_iters: int = 100             # per block
     recon_batch: int = 32
     recon_lr: float = 4e-5
+    recon_drop: float = 0.0            # QDrop: probability an activation skips its quantizer while training
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
     # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
     # shift-uniform-log2) on every one of them
@@ -101,6 +102,8 @@ class QuantConfig:
             raise MptqError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.weight_rounding not in (None, "nearest", "gptq"):
             raise MptqError(f"--weight-rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
+        if not 0.0 <= self.recon_drop < 1.0:
+            raise MptqError(f"the QDrop probability must lie in [0, 1), got {self.recon_drop}")
         if self.recon_iters < 0 or self.recon_batch < 1 or not self.recon_lr > 0:
             raise MptqError("--iters must be >= 0, --recon-batch >= 1 and the learning rate > 0")
         if self.device != "cpu" and not self.device.startswith("cuda"):

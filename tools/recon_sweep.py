@@ -93,8 +93,12 @@ def main(argv=None) -> int:
         z = logits(c.model)
         row = {"card": a.card, "spec": a.spec, "variant": name, "kl": round(kl_divergence(ref, z), 5),
                "agree": round(float((z.argmax(1) == ref.argmax(1)).mean()), 4),
-               "top1": round(float((z.argmax(1) == y).mean()), 4), "seconds": round(dt, 1)}
-        print(f"{name:40s} KL {row['kl']:.4f}  agree {row['agree']:.4f}  top-1 {row['top1']:.4f}  {dt:.0f}s",
+               "top1": round(float((z.argmax(1) == y).mean()), 4), "seconds": round(dt, 1),
+               "blocks": c.report.get("reconstruct", {})}
+        ratios = [r["loss_after"] / max(r["loss_before"], 1e-30) for rows in row["blocks"].values()
+                  for r in rows if "loss_after" in r]
+        loss = f"  block loss x{np.median(ratios):.3f} (median)" if ratios else ""
+        print(f"{name:40s} KL {row['kl']:.4f}  agree {row['agree']:.4f}  top-1 {row['top1']:.4f}  {dt:.0f}s{loss}",
               flush=True)
         if a.out:
             with open(a.out, "a") as f:

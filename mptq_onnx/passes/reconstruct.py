@@ -56,7 +56,7 @@ class Reconstruct(Pass):
                 raise MptqError(f"--device {cfg.device}: torch sees no CUDA device")
         st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
-                           quant_inputs=self.quant_inputs)
+                           quant_inputs=self.quant_inputs, drop=cfg.recon_drop)
         try:
             new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, ctx.calib_images, st, ctx.teacher)
         except NotImplementedError as e:

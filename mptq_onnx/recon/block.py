@@ -40,6 +40,7 @@ class ReconSettings:
     # on the float model's block inputs rather than the quantized model's
     float_weights: bool = False
     quant_inputs: bool = True
+    drop: float = 0.0         # QDrop probability while training (see _ActHook)
 
 
 @dataclasses.dataclass
@@ -110,6 +111,24 @@ def plan_segments(model: onnx.ModelProto, info: GraphInfo, site_names: list[str]
             for k, (key, (_, _, names)) in enumerate(order)]
 
 
+class _ActHook:
+    """An activation's fake quantizer; with `drop` > 0 (QDrop, Wei et al. 2022, while training
+    only) each element keeps its float value with that probability, so the weights do not fit one
+    quantization noise pattern of the few calibration images."""
+
+    def __init__(self, fq):
+        self.fq = fq
+        self.drop = 0.0
+        self.gen: torch.Generator | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fq(x)
+        if self.drop <= 0.0:
+            return y
+        keep = torch.rand(x.shape, generator=self.gen, device=x.device) < self.drop
+        return torch.where(keep, x, y)
+
+
 def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: str = "cpu",
                    float_weights: bool = False, specs: list[SegmentSpec] | None = None):
     """(spec, torch Segment) per segment, with the plan's fake quantizers hooked in and the
@@ -125,7 +144,7 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
         node = by_name[s.node]
         for a, q in zip(s.inputs, p.acts):
             if q is not None:
-                hooks[(s.node, list(node.input).index(a.tensor))] = fake_quantizer(q, device)
+                hooks[(s.node, list(node.input).index(a.tensor))] = _ActHook(fake_quantizer(q, device))
         if p.weight is not None:
             hooks[(s.node, list(node.input).index(s.weight))] = fake_quantizer(p.weight, device)
         if p.weight is not None or (float_weights and s.weight):
@@ -214,6 +233,11 @@ def _reconstruct(model, info, plan, images, settings, teacher):
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names)}
         if seg.param_names and settings.iters > 0:
             before = _loss(seg, qx, targets, settings.eval_batch, dev)
+            start = [p.detach().clone() for p in seg.weights]
+            acts = [h for h in seg.hooks.values() if isinstance(h, _ActHook)]
+            gen = torch.Generator(device=dev).manual_seed(settings.seed * 1000 + k)
+            for h in acts:
+                h.drop, h.gen = settings.drop, gen
             opt = torch.optim.Adam(seg.parameters(), lr=settings.lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters)
             rng = np.random.default_rng([settings.seed, k])
@@ -229,10 +253,18 @@ def _reconstruct(model, info, plan, images, settings, teacher):
                 sched.step()
                 bar.set_postfix(loss=f"{loss.item():.4g}")
             bar.close()
+            for h in acts:
+                h.drop, h.gen = 0.0, None
             after = _loss(seg, qx, targets, settings.eval_batch, dev)
             row.update(loss_before=before, loss_after=after)
-            for name, p in zip(seg.param_names, seg.weights):
-                new[name] = p.detach().cpu().numpy().astype(np.float32)
+            if not after < before:  # training made this block worse: keep its weights as they were
+                with torch.no_grad():
+                    for p, p0 in zip(seg.weights, start):
+                        p.copy_(p0)
+                row.update(kept=False, loss_after=before)
+            else:
+                for name, p in zip(seg.param_names, seg.weights):
+                    new[name] = p.detach().cpu().numpy().astype(np.float32)
         qy = _batched(seg, qx, True, settings.eval_batch, dev) if settings.quant_inputs else targets
         for env, ys in ((f_env, targets), (q_env, qy)):
             for t in [t for t in env if t not in sp.outputs]:
