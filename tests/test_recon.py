@@ -193,3 +193,18 @@ def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
     assert {r["w_bits"] for r in rep["layers"] if r["w_bits"]} == {4}
     kinds = {q.op_type for q in onnx.load(str(out)).graph.node}
     assert "Log" in kinds  # SULQ on the post-Softmax inputs
+
+
+def test_qdrop_hook_keeps_about_that_share_of_float_values():
+    from mptq_onnx.recon import fake_quantizer
+    from mptq_onnx.recon.block import _ActHook
+    q = uniform_from_range(-1.0, 1.0, 3)
+    x = torch.linspace(-1, 1, 10001) + 0.01  # no value on the grid, so quantizing moves each
+    h = _ActHook(fake_quantizer(q))
+    assert torch.equal(h(x), fake_quantizer(q)(x))  # drop 0: the quantizer
+    h.drop, h.gen = 0.5, torch.Generator().manual_seed(0)
+    y = h(x)
+    share = float((y == x).float().mean())
+    assert 0.45 < share < 0.55
+    h.gen = torch.Generator().manual_seed(0)
+    assert torch.equal(h(x), y)  # same seed, same draw
