@@ -55,7 +55,10 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     t0 = time.perf_counter()
     images = open_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)  # read batch by batch
     t_load = time.perf_counter() - t0
-    ctx = convert(model, images, cfg)
+    recon = None
+    if cfg.recon_images is not None and (cfg.reconstruct or cfg.recipe == "ias"):
+        recon = open_calibration(calib, pp, cfg.recon_images, progress=cfg.progress)
+    ctx = convert(model, images, cfg, recon_images=recon)
     with plan.staging() as st:  # the model, then the report, land together at the end of the block
         save_model(ctx.model, output, staging=st)
         report = {"input": str(model_path) if model_path else "embedded:deit_tiny_tin", "output": str(output),
@@ -75,6 +78,7 @@ def _config(a):
                       seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
                       image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
                       reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device,
+                      recon_images=a.recon_images,
                       softmax_quantizer=a.softmax_quantizer)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
@@ -183,6 +187,9 @@ def _add_quant_args(p):
                    help="--reconstruct and --recipe ias: iterations per block and stage (default 100)")
     p.add_argument("--recon-batch", type=int, default=32,
                    help="--reconstruct and --recipe ias: images per iteration (default 32)")
+    p.add_argument("--recon-images", type=int, default=None,
+                   help="--reconstruct and --recipe ias: images to train on, from --calib (default: the "
+                        "--calib-size calibration images)")
     p.add_argument("--device", default="cpu", help="--reconstruct and --recipe ias: cpu | cuda (default cpu)")
     p.add_argument("--skip", nargs="+", help="site names or roles to leave in float (e.g. head; names as in inspect)")
     p.add_argument("--seed", type=int, default=0,

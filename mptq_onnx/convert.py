@@ -61,9 +61,10 @@ RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm", "ias")
 
 
 def convert(model: onnx.ModelProto, calib_images: np.ndarray, cfg: QuantConfig,
-            verbose: bool = True) -> Context:
+            verbose: bool = True, recon_images: np.ndarray | None = None) -> Context:
     """Run the recipe's passes; the input is checked first and the result after (see check.py):
-    the result's fidelity on a few calibration images is in ``ctx.report["check"]``."""
+    the result's fidelity on a few calibration images is in ``ctx.report["check"]``.
+    `recon_images`: what reconstruction trains on (default: the calibration images)."""
     cfg.validate()
     check_input_model(model)
     b = static_batch(model)
@@ -75,7 +76,7 @@ def convert(model: onnx.ModelProto, calib_images: np.ndarray, cfg: QuantConfig,
         print(f"mptq-onnx: the model takes batches of exactly {b} images: calibrating on {keep} of "
               f"{len(calib_images)}", file=sys.stderr)
         calib_images = calib_images[:keep]
-    ctx = Context(model, cfg, calib_images)
+    ctx = Context(model, cfg, calib_images, recon_images)
     PassManager(recipe_passes(cfg), verbose=verbose and cfg.progress)(ctx)
     bits = cfg.target_bits if cfg.target_bits is not None else min(cfg.wbits, cfg.abits)
     chk = check_result(ctx.model, ctx.calib.images, ctx.calib.logits, bits)

@@ -56,6 +56,7 @@ class QuantConfig:
     recon_iters: int = 100             # per block
     recon_batch: int = 32
     recon_lr: float = 4e-5
+    recon_images: int | None = None    # images reconstruction trains on (None: the calibration images)
     recon_drop: float = 0.0            # QDrop: probability an activation skips its quantizer while training
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
     # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
@@ -102,6 +103,8 @@ class QuantConfig:
             raise MptqError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.weight_rounding not in (None, "nearest", "gptq"):
             raise MptqError(f"--weight-rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
+        if self.recon_images is not None and self.recon_images < 1:
+            raise MptqError(f"--recon-images must be at least 1, got {self.recon_images}")
         if not 0.0 <= self.recon_drop < 1.0:
             raise MptqError(f"the QDrop probability must lie in [0, 1), got {self.recon_drop}")
         if self.recon_iters < 0 or self.recon_batch < 1 or not self.recon_lr > 0:
@@ -132,10 +135,12 @@ class SitePlan:
 class Context:
     """State shared by the passes of one conversion."""
 
-    def __init__(self, model: onnx.ModelProto, config: QuantConfig, calib_images: np.ndarray | None = None):
+    def __init__(self, model: onnx.ModelProto, config: QuantConfig, calib_images: np.ndarray | None = None,
+                 recon_images: np.ndarray | None = None):
         self.model = model
         self.config = config
         self.calib_images = calib_images
+        self.recon_images = recon_images  # reconstruction's training images, where not the calibration ones
         self.calib: CalibData | None = None
         self.plan: dict[str, SitePlan] = {}
         self.report: dict = {"passes": []}

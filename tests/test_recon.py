@@ -183,13 +183,15 @@ def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
     out = tmp_path / "q.onnx"
     rc = main(["convert", str(embedded_onnx), "--recipe", "ias", "--wbits", "4", "--abits", "4",
                "--iters", "2", "--recon-batch", "8", "--calib", str(embedded_calib_dir()),
-               "--calib-size", "8", "-o", str(out), "-q"])
+               "--calib-size", "8", "--recon-images", "12", "-o", str(out), "-q"])
     assert rc == 0 and out.exists()
     rep = json.loads(out.with_suffix(".report.json").read_text())
     assert [p["pass"] for p in rep["passes"]][2:] == ["ias-act", "keep-float", "ias-stage1", "ias-fold",
                                                      "ias-weights", "ias-stage3", "qdq"]
+    assert rep["config"]["recon_images"] == 12
     for stage in ("ias-stage1", "ias-stage3"):
         assert len(rep["reconstruct"][stage]) == 14
+        assert all(r.get("images") == 12 for r in rep["reconstruct"][stage])  # trained on --recon-images
     assert {r["w_bits"] for r in rep["layers"] if r["w_bits"]} == {4}
     kinds = {q.op_type for q in onnx.load(str(out)).graph.node}
     assert "Log" in kinds  # SULQ on the post-Softmax inputs

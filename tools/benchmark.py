@@ -68,7 +68,9 @@ def main(argv=None) -> int:
             secs = ort_quantize_static(float_path, images, qpath, bits, bits, method)
         else:
             cfg = configs[cfg_s]
-            ctx = convert(load_model(float_path), images, cfg, verbose=True)
+            recon = (load_calibration(calib, get_preprocess(model), cfg.recon_images, progress=False)
+                     if cfg.recon_images else None)
+            ctx = convert(load_model(float_path), images, cfg, verbose=True, recon_images=recon)
             save_model(ctx.model, qpath, force=True)
             secs = time.perf_counter() - t
             row["passes"] = {p["pass"]: p["seconds"] for p in ctx.report["passes"]}

@@ -6,7 +6,8 @@ run once, then each variant reconstructs (and writes QDQ) from a copy of that st
 
 A variant is comma-separated QuantConfig fields (recon_lr, recon_iters, recon_batch, seed, ...;
 `iters` is short for recon_iters). Calibrates on the spec's calib_size images of tin_calib (128
-unless :calib_size=N) and evaluates on the tin_calib images outside that set (as
+unless :calib_size=N; reconstruction on :recon_images=N if given) and evaluates on the tin_calib
+images outside those sets (as
 tools/fidelity.py --holdout): for choosing settings, not for reporting. Prints KL to float, top-1
 agreement, top-1 and the reconstruction's seconds per variant; --out appends JSON lines.
 """
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     float_path = float_model(a.card, shared, Path(a.work))
     pp = get_preprocess(load_model(float_path))
     ds = ImageFolder(calib_dir, pp)
-    xs, ys = zip(*iter_batches(ds, 64, holdout_indices(len(ds), [cfg.calib_size])))
+    xs, ys = zip(*iter_batches(ds, 64, holdout_indices(len(ds), [n for n in (cfg.calib_size, cfg.recon_images) if n])))
     x, y = np.concatenate(xs), np.concatenate(ys)
 
     def logits(model):
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     print(f"{a.card} on {len(x)} held-out images of tin_calib: float top-1 {(ref.argmax(1) == y).mean():.4f}")
     passes = recipe_passes(cfg)
     first = next(i for i, p in enumerate(passes) if isinstance(p, Reconstruct))
-    ctx = Context(load_model(float_path), cfg, load_calibration(calib_dir, pp, cfg.calib_size, progress=False))
+    recon = load_calibration(calib_dir, pp, cfg.recon_images, progress=False) if cfg.recon_images else None
+    ctx = Context(load_model(float_path), cfg, load_calibration(calib_dir, pp, cfg.calib_size, progress=False), recon)
     t = time.perf_counter()
     PassManager(passes[:first], verbose=False)(ctx)
     print(f"{a.spec}: passes before reconstruction {time.perf_counter() - t:.0f}s", flush=True)

@@ -58,7 +58,8 @@ class Reconstruct(Pass):
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
                            quant_inputs=self.quant_inputs, drop=cfg.recon_drop)
         try:
-            new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, ctx.calib_images, st, ctx.teacher)
+            images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
+            new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher)
         except NotImplementedError as e:
             raise MptqError(f"{self.name}: {e}") from None
         for name, w in new.items():

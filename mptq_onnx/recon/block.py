@@ -230,7 +230,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             if not t.is_floating_point() or len(t) != n:
                 raise NotImplementedError(f"segment {sp.name}: input {t} is not a batch of activations")
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
-        row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names)}
+        row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if seg.param_names and settings.iters > 0:
             before = _loss(seg, qx, targets, settings.eval_batch, dev)
             start = [p.detach().clone() for p in seg.weights]
