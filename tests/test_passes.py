@@ -1,4 +1,6 @@
 """Passes on the embedded deit_tiny_tin (no torch needed): analysis, SQ-b folding, OPT-m, Greedy MP."""
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -32,6 +34,51 @@ def _ctx(model, calib, **kw):
     return ctx
 
 
+# Config fields that Canonicalize or Calibrate read: a shared calibration is only valid without them.
+_CALIB_FIELDS = {"row_budget", "full_images", "batch_size", "seed", "calib_batch_mb", "full_sample_mb",
+                 "skip_sites"}
+
+
+@pytest.fixture(scope="module")
+def calibrated(model, calib):
+    """Canonicalize + Calibrate on the 32 images, once: neither reads the bit-widths (_CALIB_FIELDS)."""
+    return _ctx(model, calib)
+
+
+def _copy(ctx, **kw):
+    """A private copy of a shared context, with the config the test asks for (the images are shared:
+    no pass writes them)."""
+    assert not _CALIB_FIELDS & set(kw), "this config changes the calibration: use _ctx"
+    new = copy.deepcopy(ctx, {id(ctx.calib_images): ctx.calib_images})
+    new.config = QuantConfig(progress=False, **kw)
+    return new
+
+
+@pytest.fixture(scope="module")
+def optm_w4a4(calibrated):
+    ctx = _copy(calibrated, wbits=4, abits=4)
+    OptM()(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def optm_w8a8(calibrated):
+    ctx = _copy(calibrated, wbits=8, abits=8)
+    OptM()(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def sqb_w4a4(calibrated):
+    """SQ-b at W4A4, with the float logits on 8 images and every LayerNorm γ from before it."""
+    ctx = _copy(calibrated, wbits=4, abits=4)
+    imgs = ctx.calib_images[:8]
+    before = _run(ctx.model, imgs)
+    gamma_before = {g.gamma: ctx.weight(g.gamma).copy() for g in ctx.info.ln_groups}
+    res = SmoothQuantBias()(ctx)
+    return ctx, res, before, gamma_before
+
+
 def test_analysis_finds_vit_roles(model):
     info = analyze(model)
     roles = {}
@@ -55,11 +102,8 @@ def test_non_vit_graph_is_rejected():
         analyze(helper.make_model(g))
 
 
-def test_sqb_folding_keeps_float_model(model, calib):
-    ctx = _ctx(model, calib, wbits=4, abits=4)
-    before = _run(ctx.model, calib[:8])
-    gamma_before = {g.gamma: ctx.weight(g.gamma).copy() for g in ctx.info.ln_groups}
-    res = SmoothQuantBias()(ctx)
+def test_sqb_folding_keeps_float_model(sqb_w4a4, calib):
+    ctx, res, before, gamma_before = sqb_w4a4
     assert res.modified and ctx.report["sqb_groups"] == 25
     after = _run(ctx.model, calib[:8])
     rel = np.abs(after - before).max() / np.abs(before).max()
@@ -71,9 +115,8 @@ def test_sqb_folding_keeps_float_model(model, calib):
         np.abs((st.ch_min + st.ch_max) / 2).max() < 1e-3
 
 
-def test_sqb_lowers_layer_error(model, calib):
-    ctx = _ctx(model, calib, wbits=4, abits=4)
-    SmoothQuantBias()(ctx)
+def test_sqb_lowers_layer_error(sqb_w4a4):
+    ctx = sqb_w4a4[0]
     rep = ctx.report["sqb"]
     assert all(v["err_after"] <= v["err_before"] for v in rep.values())
     assert np.mean([v["err_after"] / v["err_before"] for v in rep.values()]) < 0.9
@@ -97,8 +140,8 @@ def test_smoothing_score_with_and_without_weights():
     assert group_error(x, [w], [y], mu, s, 3, 3) > 1.2 * act_only
 
 
-def test_attn_smooth_keeps_float_model_and_rescales_stats(model, calib):
-    ctx = _ctx(model, calib, wbits=4, abits=4)
+def test_attn_smooth_keeps_float_model_and_rescales_stats(calibrated, calib):
+    ctx = _copy(calibrated, wbits=4, abits=4)
     before = _run(ctx.model, calib[:8])
     qk = ctx.info.site("blocks.4.attn.q@k")
     proj = ctx.info.site("blocks.4.attn.proj")
@@ -120,9 +163,9 @@ def test_attn_smooth_keeps_float_model_and_rescales_stats(model, calib):
             assert 0.7 < a.max / b.max < 1.4 and 0.7 < a.min / b.min < 1.4
 
 
-def test_attn_smooth_reverts_on_unexpected_layout(model, calib):
+def test_attn_smooth_reverts_on_unexpected_layout(calibrated):
     """If the qkv column layout is not [3, heads, dim], the float check catches it and undoes all."""
-    ctx = _ctx(model, calib, wbits=4, abits=4)
+    ctx = _copy(calibrated, wbits=4, abits=4)
     w_before = {s.weight: ctx.weight(s.weight).copy() for s in ctx.info.by_role("qkv", "proj")}
     import mptq_onnx.passes.attn_smooth as A
     orig = A.set_w_in_out
@@ -136,20 +179,18 @@ def test_attn_smooth_reverts_on_unexpected_layout(model, calib):
         np.testing.assert_array_equal(ctx.weight(k), v)
 
 
-def test_optm_picks_special_quantizers_at_4_bits(model, calib):
-    ctx = _ctx(model, calib, wbits=4, abits=4)
-    OptM()(ctx)
+def test_optm_picks_special_quantizers_at_4_bits(optm_w4a4):
+    ctx = optm_w4a4
     kinds = {p.site.role: p.acts[0].kind for p in ctx.plan.values()}
     assert kinds["fc2"] in ("region", "uniform")
     assert sum(p.acts[0].kind == "region" for p in ctx.plan.values() if p.site.role == "fc2") >= 6
     assert sum(p.acts[0].kind == "log2" for p in ctx.plan.values() if p.site.role == "av") >= 6
 
 
-def test_simulation_matches_qdq(model, calib):
+def test_simulation_matches_qdq(optm_w4a4, calib):
     """The fake-quant graph Greedy MP scores with computes what the QDQ model computes, up to the
     rounding of the integer kernels onnxruntime fuses 8-bit QDQ into (the image input is 8-bit)."""
-    ctx = _ctx(model, calib, wbits=4, abits=4)
-    OptM()(ctx)
+    ctx = optm_w4a4
     qdq, _ = write_plan(ctx.model, ctx.plan, "qdq")
     sim, _ = write_plan(ctx.model, ctx.plan, "sim")
     a, b = _run(qdq, calib), _run(sim, calib)
@@ -157,10 +198,9 @@ def test_simulation_matches_qdq(model, calib):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
 
 
-def test_tail_scorer_matches_whole_runs(model, calib):
+def test_tail_scorer_matches_whole_runs(optm_w8a8, calib):
     """Running from a cut on cached activations gives the logits of running the whole graph."""
-    ctx = _ctx(model, calib, wbits=8, abits=8)
-    OptM()(ctx)
+    ctx = _copy(optm_w8a8, wbits=8, abits=8)  # its site optimizer fills its cache with more widths
     prov = ctx.site_optimizer
     sim = build_simulator(ctx, prov, {(n, "a"): 8 for n in ctx.plan}, 8)
     imgs = calib[:6]
@@ -181,8 +221,8 @@ def test_tail_scorer_matches_whole_runs(model, calib):
         np.testing.assert_allclose(tails.run(f), sim.run(imgs, {**base, **f}), rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_mp_reaches_budget(model, calib):
-    ctx = _ctx(model, calib, wbits=8, abits=8, target_bits=6.0, mp_candidates=(8, 6, 4), mp_images=4)
+def test_greedy_mp_reaches_budget(calibrated):
+    ctx = _copy(calibrated, wbits=8, abits=8, target_bits=6.0, mp_candidates=(8, 6, 4), mp_images=4)
     UniformParams()(ctx)
     res = GreedyMP()(ctx)
     wb, ab = average_bits(ctx.plan, ctx.report["act_sizes"])
@@ -194,31 +234,31 @@ def test_greedy_mp_reaches_budget(model, calib):
     assert mp["path"] and mp["kl_end"] >= 0 and "moves" in res.summary
 
 
-def test_greedy_mp_with_optm_kinds(model, calib):
+def test_greedy_mp_with_optm_kinds(optm_w8a8):
     """OPT-m's region (post-GELU) and log2 (post-Softmax) slots can be lowered and fed."""
-    ctx = _ctx(model, calib, wbits=8, abits=8, target_bits=5.0, mp_candidates=(8, 5, 3), mp_images=4)
-    OptM()(ctx)
+    # OPT-m at W8A8 does not read target_bits (only whether to keep the Hessians it recomputes)
+    ctx = _copy(optm_w8a8, wbits=8, abits=8, target_bits=5.0, mp_candidates=(8, 5, 3), mp_images=4)
     GreedyMP()(ctx)
     wb, ab = average_bits(ctx.plan, ctx.report["act_sizes"])
     assert wb <= 5.0 + 1e-6 and ab <= 5.0 + 1e-6
     assert {p.acts[0].kind for p in ctx.plan.values() if p.site.role == "fc2"} <= {"region", "uniform"}
 
 
-def test_image_input_held_at_image_bits(model, calib):
-    ctx = _ctx(model, calib, wbits=4, abits=4)
+def test_image_input_held_at_image_bits(calibrated):
+    ctx = _copy(calibrated, wbits=4, abits=4)
     UniformParams()(ctx)
     pe = ctx.plan["patch_embed.proj"]
     assert pe.a_bits == 8 and pe.acts[0].bits == 8 and pe.w_bits == 4
     assert {p.a_bits for n, p in ctx.plan.items() if n != "patch_embed.proj"} == {4}
-    ctx = _ctx(model, calib, wbits=4, abits=4, image_bits=None)
+    ctx = _copy(calibrated, wbits=4, abits=4, image_bits=None)
     UniformParams()(ctx)
     assert ctx.plan["patch_embed.proj"].acts[0].bits == 4
     with pytest.raises(MptqError, match="image-bits"):
         QuantConfig(image_bits=12).validate()
 
 
-def test_greedy_mp_never_moves_the_image_input(model, calib):
-    ctx = _ctx(model, calib, wbits=8, abits=8, target_bits=4.5, mp_candidates=(8, 4, 3), mp_images=4,
+def test_greedy_mp_never_moves_the_image_input(calibrated):
+    ctx = _copy(calibrated, wbits=8, abits=8, target_bits=4.5, mp_candidates=(8, 4, 3), mp_images=4,
                image_bits=6)
     UniformParams()(ctx)
     GreedyMP()(ctx)
@@ -245,18 +285,18 @@ def test_kl_divergence():
     assert kl_divergence(z, -z) > 0.5
 
 
-def test_already_quantized_is_rejected(model, calib):
-    ctx = _ctx(model, calib, wbits=8, abits=8)
+def test_already_quantized_is_rejected(calibrated, calib):
+    ctx = _copy(calibrated, wbits=8, abits=8)
     UniformParams()(ctx)
     q, _ = write_plan(ctx.model, ctx.plan, "qdq")
     with pytest.raises(MptqError, match="already quantized"):
         Canonicalize()(Context(q, QuantConfig(), calib))
 
 
-def test_gptq_rounding_brings_logits_closer_and_stores_codes(model, calib):
+def test_gptq_rounding_brings_logits_closer_and_stores_codes(model, calibrated, calib):
     """W4A8: error-compensating rounding moves the quantized logits towards float on the
     calibration images, and every rounded weight sits on its quantizer's grid (the stored codes)."""
-    ctx = _ctx(model, calib, wbits=4, abits=8)
+    ctx = _copy(calibrated, wbits=4, abits=8)
     OptM()(ctx)
     ref = _run(model, calib)
     nearest, _ = write_plan(ctx.model, ctx.plan, "qdq")
@@ -356,10 +396,10 @@ def test_node_metadata_names_every_quantizer_of_attention_matmuls(model, calib):
     assert checked == 2 * 24
 
 
-def test_softmax_quantizer_sulq(model, calib):
+def test_softmax_quantizer_sulq(calibrated, calib):
     """softmax_quantizer="sulq" puts SULQ on every post-Softmax input, and only there, in the
     uniform recipe and in OPT-m; its QDQ model computes what Greedy MP's fed simulation computes."""
-    ctx = _ctx(model, calib, wbits=8, abits=4, softmax_quantizer="sulq")
+    ctx = _copy(calibrated, wbits=8, abits=4, softmax_quantizer="sulq")
     UniformParams()(ctx)
     kinds = {(p.site.role, a.kind, q.kind) for p in ctx.plan.values() for a, q in zip(p.site.inputs, p.acts)}
     assert {k for r, a, k in kinds if a == "post_softmax"} == {"sulq"}

@@ -123,8 +123,10 @@ def test_short_reconstruction_lowers_the_loss_deterministically(planned):
 
 
 def test_cli_convert_with_reconstruct(embedded_onnx, tmp_path):
+    """The CLI's wiring of --reconstruct on streamed images. The uniform recipe: the mptq plan's
+    quantizers in torch and what training does with them are the tests above (planned)."""
     out = tmp_path / "q.onnx"
-    rc = main(["convert", str(embedded_onnx), "--recipe", "mptq", "--wbits", "4", "--abits", "4",
+    rc = main(["convert", str(embedded_onnx), "--recipe", "uniform", "--wbits", "4", "--abits", "4",
                "--reconstruct", "--iters", "5", "--recon-batch", "8", "--calib", str(embedded_calib_dir()),
                "--calib-size", "16", "-o", str(out), "-q"])
     assert rc == 0 and out.exists()
