@@ -37,10 +37,12 @@ class StreamedImages:
         return np.stack([load_image(self.ds.samples[i][0], self.ds.pp) for i in sel])
 
 
-def open_calibration(source: str | os.PathLike, pp: Preprocess, n: int = 128, progress: bool = True):
+def open_calibration(source: str | os.PathLike, pp: Preprocess, n: int = 128, progress: bool = True,
+                     fewer_ok: bool = False):
     """`load_calibration`'s images, not loaded: a StreamedImages for a folder (each image is decoded
     once here to drop unreadable ones, with the same warnings), a read-only memory map for a float32
-    .npy; other sources are loaded as `load_calibration` does."""
+    .npy; other sources are loaded as `load_calibration` does. `fewer_ok`: no warning when the
+    source holds fewer than `n` (a default asked for, not the user)."""
     src = Path(source)
     if n < 1 or not src.exists() or not (src.is_dir() or src.suffix.lower() == ".npy"):
         return load_calibration(source, pp, n, progress)
@@ -56,7 +58,7 @@ def open_calibration(source: str | os.PathLike, pp: Preprocess, n: int = 128, pr
                 ok.append(i)
         if not ok:
             raise MptqError(f"none of the {n_bad} images in {ds.root} could be read (first error: {first_err})")
-        if len(ok) < n:
+        if len(ok) < n and not fewer_ok:
             _warn(f"warning: only {len(ok)} calibration images available in {src} (asked for {n}); using {len(ok)}")
         return StreamedImages(ds, ok)
     try:
@@ -72,7 +74,7 @@ def open_calibration(source: str | os.PathLike, pp: Preprocess, n: int = 128, pr
     for i in range(0, len(arr), 64):
         if not np.isfinite(arr[i:i + 64]).all():
             raise MptqError(f"calibration tensors in {src} contain NaN or infinite values")
-    if arr.shape[0] < n:
+    if arr.shape[0] < n and not fewer_ok:
         _warn(f"warning: only {arr.shape[0]} calibration images available in {src} "
               f"(asked for {n}); using {arr.shape[0]}")
     return arr

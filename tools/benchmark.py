@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         else:
             cfg = configs[cfg_s]
             recon = (load_calibration(calib, get_preprocess(model), cfg.recon_images, progress=False)
-                     if cfg.recon_images else None)
+                     if cfg.recon_images and (cfg.reconstruct or cfg.recipe == "ias") else None)
             ctx = convert(load_model(float_path), images, cfg, verbose=True, recon_images=recon)
             save_model(ctx.model, qpath, force=True)
             secs = time.perf_counter() - t

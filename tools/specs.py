@@ -26,11 +26,13 @@ def float_model(card: str, shared: Path, work: Path) -> Path:
 def _parse_like(default, v: str):
     if isinstance(default, tuple):
         return tuple(type(default[0])(x) for x in v.split(","))
-    if default is None:  # target_bits (a number) or weight_rounding (a word)
-        try:
-            return float(v)
-        except ValueError:
-            return v
+    if default is None:  # target_bits, recon_images (numbers) or weight_rounding (a word)
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
     return type(default)(v)
 
 
