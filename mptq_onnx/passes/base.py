@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ..calibrate import session
+from ..calibrate import release_memory, with_session
 from ..errors import MptqError
 from ..modelio import image_input
 from ..plan import Context
@@ -47,6 +47,7 @@ class PassManager:
         for p in self.passes:
             t = time.perf_counter()
             res = p(ctx)
+            release_memory()  # what the pass freed, back to the OS before the next one allocates
             dt = time.perf_counter() - t
             modified |= res.modified
             ctx.report["passes"].append({"pass": p.name, "seconds": round(dt, 3), "modified": res.modified,
@@ -67,7 +68,8 @@ def float_drift(ctx: Context, n: int = FLOAT_CHECK_IMAGES) -> tuple[float, float
     calibration, on the first `n` calibration images."""
     x = ctx.calib_images[:n]
     ref = ctx.calib.logits[:len(x)]
-    y = session(ctx.model).run([ctx.model.graph.output[0].name], {image_input(ctx.model).name: x})[0]
+    out, inp = ctx.model.graph.output[0].name, image_input(ctx.model).name
+    y = with_session(ctx, lambda sess: sess.run([out], {inp: x})[0])
     return float(np.abs(y - ref).max()), float_tolerance(float(np.abs(ref).max()))
 
 
