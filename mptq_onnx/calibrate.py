@@ -240,6 +240,10 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
     full_images = max(1, min(full_images, full_bytes // per_image_full))
     stats = {n: TensorStats(n) for n in names}
     samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    # row samples go straight into one array per tensor: thousands of small per-batch chunks
+    # fragmented the heap (the peak grew with the number of batches)
+    row_buf: dict[str, np.ndarray] = {}
+    row_fill: dict[str, int] = {}
     rng = np.random.default_rng(seed)
     n_img = len(images)
     n_batches = (n_img + batch_size - 1) // batch_size
@@ -276,7 +280,11 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
             st.rows += rows.shape[0]
             k = min(rows.shape[0], max(row_budget // n_batches, 1))
             idx = np.sort(rng.choice(rows.shape[0], size=k, replace=False))
-            samples[n].append(rows[idx].copy())
+            if n not in row_buf:
+                row_buf[n] = np.empty((n_batches * max(row_budget // n_batches, 1), rows.shape[1]), rows.dtype)
+                row_fill[n] = 0
+            row_buf[n][row_fill[n]:row_fill[n] + k] = rows[idx]
+            row_fill[n] += k
         if keep_full:
             seen_full += len(xb)
         del outs  # before the next run allocates its own
@@ -286,6 +294,10 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
         if chunks:
             stats[n].sample = np.concatenate(chunks, axis=0)
         del chunks
+        if n in row_buf:
+            buf, filled = row_buf.pop(n), row_fill[n]
+            stats[n].sample = buf if filled == len(buf) else buf[:filled].copy()
+            del buf
         if stats[n].ch_sum is not None:
             stats[n].ch_sum = stats[n].ch_sum.astype(np.float32)
     return CalibData(images, stats, np.concatenate(logits, axis=0), min(full_images, n_img), batch_size)
