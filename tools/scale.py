@@ -11,9 +11,10 @@ memory-mapped .npy; quantize_static gets them loaded, as its tool does). The tab
 config, wall seconds (the child's whole life), convert seconds (run_convert: reading, the passes,
 the result check and the save; for quantize_static, its call), peak RSS in GB (10^9 bytes) and
 convert seconds over quantize_static's at the same bits (W=A configs, when --ort ran them);
---per-pass adds each step's seconds and the highest RSS sampled (every 20 ms) since the previous
+--per-pass adds each step's seconds, the highest RSS sampled (every 20 ms) since the previous
 step ended (load: reading the model and opening the images; a pass's float check counts in the
-next step). Run it on an otherwise idle machine. Config syntax: tools/specs.py; --ort BITS runs
+next step) and the process's peak so far (VmHWM: the sampler, a Python thread, misses peaks
+inside calls that hold the GIL). Run it on an otherwise idle machine. Config syntax: tools/specs.py; --ort BITS runs
 quantize_static W<BITS>A<BITS> MinMax (tools/ort_baseline.py) on the same images.
 """
 from __future__ import annotations
@@ -35,6 +36,16 @@ sys.path.insert(0, str(REPO))
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm() -> int:
+    """The kernel's peak RSS of this process so far (VmHWM): unlike the sampler, it sees peaks
+    inside calls that hold the GIL."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class _Sampler:
@@ -85,11 +96,13 @@ def child(a) -> int:
         def step(name, fn):
             def call(*args, **kw):
                 if not steps:  # reading the model and opening the images
-                    steps.append(["load", round(time.perf_counter() - t0, 2), round(sampler.take() / 1e9, 2)])
+                    steps.append(["load", round(time.perf_counter() - t0, 2), round(sampler.take() / 1e9, 2),
+                                  round(_hwm() / 1e9, 2)])
                 t = time.perf_counter()
                 r = fn(*args, **kw)
                 # the highest RSS since the previous step ended (a float check after a pass included)
-                steps.append([name, round(time.perf_counter() - t, 2), round(sampler.take() / 1e9, 2)])
+                steps.append([name, round(time.perf_counter() - t, 2), round(sampler.take() / 1e9, 2),
+                              round(_hwm() / 1e9, 2)])
                 return r
             return call
 
@@ -163,7 +176,8 @@ def main(argv=None) -> int:
             print(f"{name:<16} {label:<18} {a.calib_size:>6} {r['wall']:7.1f} {conv} {r['peak_gb']:11.2f} {ratio:>10}",
                   flush=True)
             if a.per_pass and r.get("passes"):
-                print("    " + ", ".join(f"{n} {s:.1f} s / {m:.2f} GB" for n, s, m in r["passes"]), flush=True)
+                print("    " + ", ".join(f"{n} {s:.1f} s / {m:.2f} GB (peak so far {h:.2f})"
+                                        for n, s, m, h in r["passes"]), flush=True)
     return 0
 
 

@@ -69,7 +69,7 @@ class AttnSmooth(Pass):
                 by_block.setdefault(s.block, {})[s.role] = s
         backup: dict[str, np.ndarray] = {}
         # the rescaled samples are made after the float check, one at a time: made here, all of
-        # them and the ones they replace were alive at once (~0.5 GB more on vit_base)
+        # them and the ones they replace were alive at once (~0.5 GB more on vit_base, from its shapes)
         new_stats: dict[str, Callable[[], TensorStats]] = {}
         rng = np.random.default_rng(cfg.seed)
         n_qk = n_v = 0
