@@ -8,13 +8,14 @@ attention MatMul inputs (whose search needs the matrix structure).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .modelio import image_input
+from .modelio import fill_shell, image_input, take_weights, tensor_nbytes
 
 
 @dataclasses.dataclass
@@ -64,18 +65,45 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
+def _libc():
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+    except OSError:  # not glibc
+        return None
+
+
+_LIBC = _libc()
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim). glibc keeps what numpy and
+    onnxruntime free in its arenas, interleaved with what stays (the samples kept batch by
+    batch), so the process would keep its largest size from pass to pass."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Allocations from 1 MiB up get their own mapping, returned to the OS when freed. glibc's
+    default threshold rises (up to 32 MiB) with every such block freed, after which the searches'
+    temporaries land in the heap and fragment it."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 EXTERNAL_BYTES = 1 << 16  # initializers at least this large reach onnxruntime as arrays, not serialized
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
-    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return item * int(np.prod(t.dims, dtype=np.int64))
-
-
-def lean_copy(model: onnx.ModelProto, outputs: list[str] = ()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def lean_copy(model: onnx.ModelProto, outputs: list[str] = (),
+              weights: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """`model` (plus graph `outputs`) with its large initializers as external placeholders, and
     their values for `session(external=)`. Serializing whole models for each session (and
-    onnxruntime parsing them) held up to three copies of vit_base's weights at once."""
+    onnxruntime parsing them) held up to three copies of vit_base's weights at once. `weights`:
+    the values of initializers `model` holds without data (a `take_weights` shell)."""
     g = model.graph
     m = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
                         producer_version=model.producer_version, domain=model.domain,
@@ -90,8 +118,11 @@ def lean_copy(model: onnx.ModelProto, outputs: list[str] = ()) -> tuple[onnx.Mod
     m.graph.sparse_initializer.extend(g.sparse_initializer)
     external = {}
     for t in g.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT and t.data_location != onnx.TensorProto.EXTERNAL \
-                and _nbytes(t) >= EXTERNAL_BYTES:
+        if weights is not None and t.name in weights:
+            external[t.name] = weights[t.name]
+            m.graph.initializer.append(external_placeholder(t))
+        elif t.data_type == onnx.TensorProto.FLOAT and t.data_location != onnx.TensorProto.EXTERNAL \
+                and tensor_nbytes(t) >= EXTERNAL_BYTES:
             external[t.name] = onnx.numpy_helper.to_array(t)
             m.graph.initializer.append(external_placeholder(t))
         else:
@@ -104,11 +135,28 @@ def lean_copy(model: onnx.ModelProto, outputs: list[str] = ()) -> tuple[onnx.Mod
     return m, external
 
 
+def with_session(owner, fn: Callable, outputs: list[str] = (), **kw):
+    """`fn(session)` on `owner.model` (the conversion Context) without a third copy of its weights:
+    the model is set aside as a shell and its weights as the arrays onnxruntime copies, then put
+    back (the same bytes) as soon as the session exists. Built from the model as it is, the
+    session held the proto, the arrays and onnxruntime's copy at once."""
+    shell, weights = take_weights(owner.model)
+    owner.model = None  # a proto's memory goes only with the whole message
+    try:
+        lean, external = lean_copy(shell, outputs, weights)
+        sess = session(lean, external=external, **kw)
+        del lean, external
+    finally:
+        owner.model = fill_shell(shell, weights)
+    return fn(sess)
+
+
 def session(model: onnx.ModelProto, threads: int | None = None,
             external: dict[str, ort.OrtValue | np.ndarray] | None = None, arena: bool = True) -> ort.InferenceSession:
     """`external`: values of initializers the model holds as external-data placeholders
     (see `external_placeholder`), handed to onnxruntime without serializing them; without it,
-    the model's large initializers are handed over so (`lean_copy`)."""
+    the model's large initializers are handed over so (`lean_copy`). onnxruntime copies them into
+    its graph (AddExternalInitializers), so the caller may drop them once the session exists."""
     if external is None:
         model, external = lean_copy(model)
     so = session_options(threads)
@@ -120,7 +168,6 @@ def session(model: onnx.ModelProto, threads: int | None = None,
     if names:
         so.add_external_initializers(names, values)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sess._mptq_external = (external, values)  # onnxruntime reads the arrays in place: keep them alive
     fixed = {i.name: i.shape[0] for i in sess.get_inputs()
              if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
     return FixedBatchSession(sess, fixed) if fixed else sess
@@ -165,22 +212,26 @@ def external_placeholder(t: onnx.TensorProto) -> onnx.TensorProto:
 def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str],
               full_tensors: list[str] = (), *, row_budget: int = 4096, full_images: int = 16,
               batch_size: int = 32, seed: int = 0, progress: bool = True,
-              batch_bytes: int = 256 << 20, full_bytes: int = 256 << 20) -> CalibData:
+              batch_bytes: int = 256 << 20, full_bytes: int = 256 << 20,
+              weights: dict[str, np.ndarray] | None = None) -> CalibData:
     """Run `model` over `images`; sample rows of `row_tensors`, keep leading slices of `full_tensors`.
 
     Every tensor to quantize is a graph output, so one run holds all of them for its whole batch:
     the batch is cut to fit `batch_bytes`, and the whole-tensor samples keep at most `full_images`
     images and `full_bytes` (both measured on one image first; small models keep both limits).
+    `weights`: as for `lean_copy`; emptied once the session has copied them.
     """
     full_tensors = [t for t in full_tensors if t not in row_tensors]
     names = list(dict.fromkeys(list(row_tensors) + list(full_tensors)))  # this order draws the row samples
     full_set = set(full_tensors)
     out_name = model.graph.output[0].name
     in_name = image_input(model).name
-    lean, external = lean_copy(model, names)
+    lean, external = lean_copy(model, names, weights)
     # no arena: it keeps its largest size (all the outputs of a batch) for the session's life
     sess = session(lean, external=external, arena=False)
-    del lean
+    del lean, external
+    if weights is not None:
+        weights.clear()  # onnxruntime has its copy
     probe = sess.run(names, {in_name: images[:1]})
     per_image = max(sum(v.nbytes for v in probe), 1)
     per_image_full = max(sum(v.nbytes for n, v in zip(names, probe) if n in full_set), 1)
@@ -189,6 +240,10 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
     full_images = max(1, min(full_images, full_bytes // per_image_full))
     stats = {n: TensorStats(n) for n in names}
     samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    # row samples go straight into one array per tensor: thousands of small per-batch chunks
+    # fragmented the heap (the peak grew with the number of batches)
+    row_buf: dict[str, np.ndarray] = {}
+    row_fill: dict[str, int] = {}
     rng = np.random.default_rng(seed)
     n_img = len(images)
     n_batches = (n_img + batch_size - 1) // batch_size
@@ -225,15 +280,24 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
             st.rows += rows.shape[0]
             k = min(rows.shape[0], max(row_budget // n_batches, 1))
             idx = np.sort(rng.choice(rows.shape[0], size=k, replace=False))
-            samples[n].append(rows[idx].copy())
+            if n not in row_buf:
+                row_buf[n] = np.empty((n_batches * max(row_budget // n_batches, 1), rows.shape[1]), rows.dtype)
+                row_fill[n] = 0
+            row_buf[n][row_fill[n]:row_fill[n] + k] = rows[idx]
+            row_fill[n] += k
         if keep_full:
             seen_full += len(xb)
         del outs  # before the next run allocates its own
+        release_memory()
     for n in names:
         chunks = samples.pop(n)  # freed as each tensor is joined: not every sample twice at the end
         if chunks:
             stats[n].sample = np.concatenate(chunks, axis=0)
         del chunks
+        if n in row_buf:
+            buf, filled = row_buf.pop(n), row_fill[n]
+            stats[n].sample = buf if filled == len(buf) else buf[:filled].copy()
+            del buf
         if stats[n].ch_sum is not None:
             stats[n].ch_sum = stats[n].ch_sum.astype(np.float32)
     return CalibData(images, stats, np.concatenate(logits, axis=0), min(full_images, n_img), batch_size)

@@ -97,25 +97,34 @@ def nonfinite_quant_params(model: onnx.ModelProto) -> list[str]:
     return sorted(set(bad))
 
 
-def check_result(model: onnx.ModelProto, images: np.ndarray, float_logits: np.ndarray, bits: float,
+def check_result(model, images: np.ndarray, float_logits: np.ndarray, bits: float,
                  n_images: int = FIDELITY_IMAGES) -> ResultCheck:
     """Finite quantizer parameters, and agreement with float on the first `n_images` calibration images.
 
+    `model`: the ModelProto, or an object holding it as `.model` (the conversion Context), whose
+    weights the session then does not copy (`calibrate.with_session`).
     Non-finite parameters or outputs are errors (the model would be garbage); a KL far above what
     the bit-width normally gives is a warning on stderr, also kept in the returned check.
     """
-    from .calibrate import session
+    from .calibrate import session, with_session
     from .simulate import kl_divergence
 
-    bad = nonfinite_quant_params(model)
+    owner = None if isinstance(model, onnx.ModelProto) else model
+    bad = nonfinite_quant_params(model if owner is None else owner.model)
     if bad:
         raise MptqError(f"the converted model has non-finite or non-positive quantizer scales ({bad[0]}"
                         + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + "); nothing was written")
     n = min(n_images, len(images))
-    sess = session(model)
     x = images[:n]
-    logits = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 16]})[0]
-                             for i in range(0, n, 16)])
+
+    def run(sess):
+        return np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 16]})[0]
+                               for i in range(0, n, 16)])
+
+    if owner is None:
+        logits = run(session(model))
+    else:
+        logits = with_session(owner, run)
     logits = logits.reshape(n, -1)
     ref = float_logits[:n].reshape(n, -1)
     if not np.isfinite(logits).all():

@@ -39,11 +39,14 @@ def default_output(src: Path, cfg) -> Path:
     return src.with_name(f"{src.stem}.{tag}.onnx")
 
 
-def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force: bool, report_path: Path | None):
-    """Shared by `convert` and `demo`: convert, save the model and its JSON report."""
+def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force: bool, report_path: Path | None,
+                pp=None):
+    """Shared by `convert` and `demo`: convert, save the model and its JSON report. With `model`
+    None, convert reads `model_path` itself (and frees the float weights after canonicalizing);
+    `pp`: the model's preprocessing, if already read."""
     from .convert import convert
     from .calibset import open_calibration
-    from .modelio import get_preprocess, save_model
+    from .modelio import get_preprocess, load_model, save_model
     from .outputs import plan_outputs
 
     rp = report_path or output.with_suffix(".report.json")
@@ -51,7 +54,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     # all output paths checked (and missing folders made) before the conversion, not after it
     plan = plan_outputs({"input model": model_path, "--calib file": calib_file}, {"output": output, "report": rp},
                         force, may_write={"external data": output.with_name(output.name + ".data")})
-    pp = get_preprocess(model)
+    pp = pp or get_preprocess(model if model is not None else load_model(model_path))
     t0 = time.perf_counter()
     images = open_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)  # read batch by batch
     t_load = time.perf_counter() - t0
@@ -59,7 +62,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     if cfg.recon_images is not None and (cfg.reconstruct or cfg.recipe == "ias"):
         recon = open_calibration(calib, pp, cfg.recon_images, progress=cfg.progress,
                                  fewer_ok=cfg.recon_images == RECON_IMAGES_DEFAULT)
-    ctx = convert(model, images, cfg, recon_images=recon)
+    ctx = convert(model if model is not None else model_path, images, cfg, recon_images=recon)
     with plan.staging() as st:  # the model, then the report, land together at the end of the block
         save_model(ctx.model, output, staging=st)
         report = {"input": str(model_path) if model_path else "embedded:deit_tiny_tin", "output": str(output),
@@ -88,14 +91,14 @@ def _config(a):
 
 
 def cmd_convert(a) -> int:
-    from .modelio import load_model
+    from .modelio import get_preprocess, load_model
     cfg = _config(a)
     src = Path(a.model)
-    model = load_model(src)
+    pp = get_preprocess(load_model(src))  # a bad file fails first; convert reads the model again and owns it
     out = Path(a.output) if a.output else default_output(src, cfg)
     if a.calib is None:
         raise MptqError("--calib is required: an image folder or an .npy/.npz of preprocessed images")
-    run_convert(src, model, a.calib, cfg, out, a.force, Path(a.report) if a.report else None)
+    run_convert(src, None, a.calib, cfg, out, a.force, Path(a.report) if a.report else None, pp=pp)
     return 0
 
 

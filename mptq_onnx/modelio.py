@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import MptqError
@@ -130,3 +132,101 @@ def get_preprocess(model: onnx.ModelProto) -> Preprocess:
 
 def set_preprocess(model: onnx.ModelProto, pp: Preprocess) -> None:
     set_metadata(model, PREPROCESS_KEY, pp.to_json())
+
+
+LARGE_BYTES = 1 << 16  # initializers from this size up are "weights" to the functions below
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return item * int(np.prod(t.dims, dtype=np.int64))
+
+
+def is_large_raw(t: onnx.TensorProto, float_only: bool = False) -> bool:
+    """A large initializer stored in raw_data (not external, float32 if `float_only`)."""
+    return (t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL
+            and (not float_only or t.data_type == onnx.TensorProto.FLOAT) and tensor_nbytes(t) >= LARGE_BYTES)
+
+
+def model_shell(model: onnx.ModelProto, float_only: bool = False) -> onnx.ModelProto:
+    """A copy of `model` in which the large raw-data initializers (`is_large_raw`) keep every field
+    but their data. A protobuf message frees nothing until it is dropped whole (upb allocates it in
+    one arena), so passes that need the graph but not the weights work on a shell, and
+    `fill_shell` puts the data back: the result serializes to the same bytes as `model`."""
+    m = onnx.ModelProto()
+    for fd, v in model.ListFields():
+        if fd.name != "graph":
+            _set_field(m, fd, v)
+    for fd, v in model.graph.ListFields():
+        if fd.name != "initializer":
+            _set_field(m.graph, fd, v)
+    for t in model.graph.initializer:
+        if is_large_raw(t, float_only):
+            shell = m.graph.initializer.add()
+            for fd, v in t.ListFields():
+                if fd.name != "raw_data":
+                    _set_field(shell, fd, v)
+        else:
+            m.graph.initializer.add().CopyFrom(t)
+    return m
+
+
+def _set_field(msg, fd, v) -> None:
+    if fd.is_repeated:
+        getattr(msg, fd.name).extend(v)
+    elif fd.message_type is not None:
+        getattr(msg, fd.name).CopyFrom(v)
+    else:
+        setattr(msg, fd.name, v)
+
+
+def take_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(shell of `model` without its large float32 initializers' data, their values as arrays)."""
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if is_large_raw(t, True)}
+    return model_shell(model, float_only=True), weights
+
+
+def fill_shell(shell: onnx.ModelProto, data: dict) -> onnx.ModelProto:
+    """Put the raw data of `data` (name -> bytes, array, or TensorProto to read it from) into the
+    initializers of `shell` that lack it, in place; array entries are dropped from `data` as they
+    are copied, so the weights are not held twice."""
+    for t in shell.graph.initializer:
+        if t.name in data and not t.HasField("raw_data"):
+            v = data[t.name]
+            if isinstance(v, onnx.TensorProto):
+                t.raw_data = v.raw_data
+            else:
+                t.raw_data = v if isinstance(v, bytes) else np.ascontiguousarray(data.pop(t.name)).tobytes()
+    return shell
+
+
+class Spill(Mapping):
+    """Tensors' raw bytes in a (temporary) file, read back one at a time: name -> bytes."""
+
+    def __init__(self, f):
+        self._f, self._at = f, {}
+
+    def put(self, name: str, data: bytes | np.ndarray) -> None:
+        a = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else None
+        self._f.seek(0, os.SEEK_END)
+        self._at[name] = (self._f.tell(), len(data) if a is None else a.nbytes,
+                          None if a is None else (a.dtype, a.shape))
+        self._f.write(data if a is None else a.data)
+
+    def __getitem__(self, name: str) -> bytes:
+        offset, n, _ = self._at[name]
+        self._f.seek(offset)
+        return self._f.read(n)
+
+    def array(self, name: str) -> np.ndarray:
+        dtype, shape = self._at[name][2]
+        return np.frombuffer(self[name], dtype).reshape(shape)
+
+    def __contains__(self, name) -> bool:
+        return name in self._at
+
+    def __iter__(self):
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)

@@ -14,6 +14,7 @@ import onnx
 from .analyze import GraphInfo, Site, analyze
 from .calibrate import CalibData
 from .errors import MptqError
+from .modelio import Spill, is_large_raw, model_shell
 from .quantizers import Quantizer
 
 BITS_RANGE = (2, 8)
@@ -174,3 +175,21 @@ class Context:
     def set_initializer(self, name: str, value: np.ndarray) -> None:
         t = self.initializer(name)
         t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+    def set_initializers(self, new: Spill) -> None:
+        """`set_initializer` for every array in `new`, for passes that rewrite many weights: the
+        proto frees nothing until dropped whole (upb arena), so each rewrite left the old values
+        in it. The model is rebuilt instead; its other large initializers wait in `new`'s file
+        meanwhile, so it is never held twice."""
+        replaced = set(new)
+        shell = model_shell(self.model)
+        for t in self.model.graph.initializer:
+            if is_large_raw(t) and t.name not in replaced:
+                new.put(t.name, t.raw_data)
+        self.model = None
+        for t in shell.graph.initializer:
+            if t.name in replaced:
+                t.CopyFrom(onnx.numpy_helper.from_array(new.array(t.name), t.name))
+            elif t.name in new and not t.HasField("raw_data"):
+                t.raw_data = new[t.name]
+        self.model = shell

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import EXTERNAL_BYTES, _nbytes, external_placeholder, session
+from .calibrate import EXTERNAL_BYTES, external_placeholder, session, tensor_nbytes
 from .emit import LN2, Editor
 from .quantizers import Quantizer, sulq_quantizer
 
@@ -197,7 +197,7 @@ class TailScorer:
         # weights reach this scorer's sessions as arrays, not serialized into each one's model: with
         # a session per cut, that serializing (and onnxruntime's parsing) took ~20 s of Swin's Greedy MP
         self._big = {t.name: (external_placeholder(t), ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(t)))
-                     for t in g.initializer if _nbytes(t) >= EXTERNAL_BYTES}
+                     for t in g.initializer if tensor_nbytes(t) >= EXTERNAL_BYTES}
 
     def start(self, feeds: dict[str, np.ndarray]) -> int:
         """The cut a configuration runs from (0: the whole graph)."""

@@ -4,14 +4,18 @@
         --configs uniform:8 mptq:4 --ort 8 4 [--calib-size 128] [--per-pass]
 
 Each run is a child process (this script with --child), so its peak RSS is its own: the parent
-reads it from os.wait4's rusage. Images are read inside the child as the CLI reads them (streamed
-from a folder or a memory-mapped .npy; quantize_static gets them loaded, as its tool does). The
-table gives model, config, wall seconds (the child's whole life: imports, loading, conversion,
-saving), convert seconds (the passes and the save; for quantize_static, its call), peak RSS in GB
-and convert seconds over quantize_static's at the same bits (W=A configs, when --ort ran them);
---per-pass adds each pass's seconds and the highest RSS sampled during it (every 20 ms). Run it on
-an otherwise idle machine. Config syntax: tools/specs.py; --ort BITS runs quantize_static
-W<BITS>A<BITS> MinMax (tools/ort_baseline.py) on the same images.
+reads it from os.wait4's rusage. A conversion runs as `mptq-onnx convert` does (cli.run_convert
+given the model's path: the float model is read inside the conversion, and the result checked).
+Images are read inside the child as the CLI reads them (streamed from a folder or a
+memory-mapped .npy; quantize_static gets them loaded, as its tool does). The table gives model,
+config, wall seconds (the child's whole life), convert seconds (run_convert: reading, the passes,
+the result check and the save; for quantize_static, its call), peak RSS in GB (10^9 bytes) and
+convert seconds over quantize_static's at the same bits (W=A configs, when --ort ran them);
+--per-pass adds each step's seconds, the highest RSS sampled (every 20 ms) since the previous
+step ended (load: reading the model and opening the images; a pass's float check counts in the
+next step) and the process's peak so far (VmHWM: the sampler, a Python thread, misses peaks
+inside calls that hold the GIL). Run it on an otherwise idle machine. Config syntax: tools/specs.py; --ort BITS runs
+quantize_static W<BITS>A<BITS> MinMax (tools/ort_baseline.py) on the same images.
 """
 from __future__ import annotations
 
@@ -32,6 +36,16 @@ sys.path.insert(0, str(REPO))
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm() -> int:
+    """The kernel's peak RSS of this process so far (VmHWM): unlike the sampler, it sees peaks
+    inside calls that hold the GIL."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class _Sampler:
@@ -58,7 +72,7 @@ class _Sampler:
 def child(a) -> int:
     import logging
     from mptq_onnx.data import load_calibration
-    from mptq_onnx.modelio import get_preprocess, load_model, save_model
+    from mptq_onnx.modelio import get_preprocess, load_model
     out = Path(a.out)
     res: dict = {}
     sampler = _Sampler()
@@ -69,30 +83,45 @@ def child(a) -> int:
         images = load_calibration(a.calib, get_preprocess(load_model(a.model, load_external=False)),
                                   a.calib_size, progress=False)
         res["seconds"] = ort_quantize_static(a.model, images, out, bits, bits, "MinMax")
-    else:
-        from mptq_onnx.convert import recipe_passes
-        from mptq_onnx.plan import Context
+    else:  # the CLI's path (`mptq-onnx convert`: run_convert given the model's path), step by step
+        import mptq_onnx.convert as conv
+        import mptq_onnx.modelio as mio
+        from mptq_onnx.cli import run_convert
         from tools.specs import conversion_config
         cfg = conversion_config(a.config)
         cfg.calib_size = a.calib_size
         cfg.validate()
-        from mptq_onnx.calibset import open_calibration
-        model = load_model(a.model)
-        images = open_calibration(a.calib, get_preprocess(model), a.calib_size, progress=False)  # as the CLI
-        passes = []
+        steps: list = []
+
+        def step(name, fn):
+            def call(*args, **kw):
+                if not steps:  # reading the model and opening the images
+                    steps.append(["load", round(time.perf_counter() - t0, 2), round(sampler.take() / 1e9, 2),
+                                  round(_hwm() / 1e9, 2)])
+                t = time.perf_counter()
+                r = fn(*args, **kw)
+                # the highest RSS since the previous step ended (a float check after a pass included)
+                steps.append([name, round(time.perf_counter() - t, 2), round(sampler.take() / 1e9, 2),
+                              round(_hwm() / 1e9, 2)])
+                return r
+            return call
+
+        class Timed:
+            def __init__(self, p):
+                self.name, self.preserves_float, self.run = p.name, p.preserves_float, step(p.name, p)
+
+            def __call__(self, ctx):
+                return self.run(ctx)
+
+        recipe_passes = conv.recipe_passes
+        conv.recipe_passes = lambda c: [Timed(p) for p in recipe_passes(c)]
+        conv.check_result = step("check", conv.check_result)
+        mio.save_model = step("save", mio.save_model)
         sampler.take()
         t0 = time.perf_counter()
-        ctx = Context(model, cfg, images)
-        del model, images
-        for p in recipe_passes(cfg):  # convert()'s loop, with the RSS of each pass
-            t = time.perf_counter()
-            p(ctx)
-            passes.append([p.name, round(time.perf_counter() - t, 2), round(sampler.take() / 1e9, 2)])
-        t = time.perf_counter()
-        save_model(ctx.model, out, force=True)
-        passes.append(["save", round(time.perf_counter() - t, 2), round(sampler.take() / 1e9, 2)])
+        run_convert(Path(a.model), None, a.calib, cfg, out, True, out.with_suffix(".report.json"))
         res["seconds"] = time.perf_counter() - t0
-        res["passes"] = passes
+        res["passes"] = steps
     sampler.stop()
     print("SCALE " + json.dumps(res))
     return 0
@@ -107,9 +136,9 @@ def run_child(model: str, config: str, calib: str, calib_size: int, out: Path) -
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
-        return {"error": f"exit {os.waitstatus_to_exitcode(status)}", "wall": wall, "peak_gb": ru.ru_maxrss / 1e6}
+        return {"error": f"exit {os.waitstatus_to_exitcode(status)}", "wall": wall, "peak_gb": ru.ru_maxrss * 1024 / 1e9}
     line = [ln for ln in text.splitlines() if ln.startswith("SCALE ")][-1]
-    return {**json.loads(line[6:]), "wall": wall, "peak_gb": ru.ru_maxrss / 1e6}  # ru_maxrss: KiB on Linux
+    return {**json.loads(line[6:]), "wall": wall, "peak_gb": ru.ru_maxrss * 1024 / 1e9}  # ru_maxrss: KiB on Linux; GB: 10^9 bytes
 
 
 def main(argv=None) -> int:
@@ -147,7 +176,8 @@ def main(argv=None) -> int:
             print(f"{name:<16} {label:<18} {a.calib_size:>6} {r['wall']:7.1f} {conv} {r['peak_gb']:11.2f} {ratio:>10}",
                   flush=True)
             if a.per_pass and r.get("passes"):
-                print("    " + ", ".join(f"{n} {s:.1f} s / {m:.2f} GB" for n, s, m in r["passes"]), flush=True)
+                print("    " + ", ".join(f"{n} {s:.1f} s / {m:.2f} GB (peak so far {h:.2f})"
+                                        for n, s, m, h in r["passes"]), flush=True)
     return 0
 
 

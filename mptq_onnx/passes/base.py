@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ..calibrate import session
+from ..calibrate import release_memory, with_session
 from ..errors import MptqError
 from ..modelio import image_input
 from ..plan import Context
@@ -49,6 +49,7 @@ class PassManager:
             ref = float_outputs(ctx) if p.preserves_float and ctx.teacher is not None else None
             t = time.perf_counter()
             res = p(ctx)
+            release_memory()  # what the pass freed, back to the OS before the next one allocates
             dt = time.perf_counter() - t
             modified |= res.modified
             ctx.report["passes"].append({"pass": p.name, "seconds": round(dt, 3), "modified": res.modified,
@@ -69,7 +70,8 @@ def float_outputs(ctx: Context, n: int = FLOAT_CHECK_IMAGES) -> np.ndarray | Non
     if ctx.calib is None or ctx.calib_images is None or ctx.materialized:
         return None
     x = ctx.calib_images[:n]
-    return session(ctx.model).run([ctx.model.graph.output[0].name], {image_input(ctx.model).name: x})[0]
+    out, inp = ctx.model.graph.output[0].name, image_input(ctx.model).name
+    return with_session(ctx, lambda sess: sess.run([out], {inp: x})[0])
 
 
 def float_drift(ctx: Context, n: int = FLOAT_CHECK_IMAGES, ref: np.ndarray | None = None) -> tuple[float, float]:

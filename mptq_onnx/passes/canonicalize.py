@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import MptqError
 from ..analyze import GraphInfo
+from ..modelio import fill_shell, is_large_raw, model_shell
 from ..graph import GraphIndex, attr, copy_node_metadata
 from ..plan import Context
 from .base import Pass, PassResult
@@ -48,10 +49,14 @@ def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
         src_nodes = list(model.graph.node)
     if model.ir_version < 10:
         model.ir_version = 10  # INT4 tensors need IR 10
-    graph = gs.import_onnx(model)
+    # graphsurgeon's export copies every initializer twice (make_graph, then make_model): it gets
+    # the model without the data of its large initializers, which are filled in after
+    graph = gs.import_onnx(model_shell(model))
     n_before = len(graph.nodes)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     new = gs.export_onnx(graph, do_type_check=False)
+    del graph
+    fill_shell(new, {t.name: t for t in model.graph.initializer if is_large_raw(t)})
     # graphsurgeon drops model-level fields; keep ours
     new.ir_version = model.ir_version
     del new.opset_import[:]

@@ -14,9 +14,11 @@ Where compensation does not lower the error on (a sample of) those rows, nearest
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import numpy as np
 
+from ..modelio import Spill
 from ..plan import Context
 from ..quantizers import Quantizer, fake_quant, gptq_round
 from .base import Pass, PassResult
@@ -55,15 +57,19 @@ class GPTQRounding(Pass):
         if ctx.site_optimizer is None:
             return PassResult(ctx, False, "no OPT-m data; skipped")
         gain = []
-        for p in ctx.plan.values():
-            if p.weight is None:
-                continue
-            r = gptq_weight(ctx, p.site, p.weight, p.acts[0] if p.acts else None)
-            if r is None:
-                continue
-            ctx.set_initializer(p.site.weight, r[0])
-            gain.append(r[1])
-            p.methods.append("gptq")
+        with tempfile.TemporaryFile(prefix="mptq_weights_") as f:
+            new = Spill(f)  # written at the end: each site reads only its own weight
+            for p in ctx.plan.values():
+                if p.weight is None:
+                    continue
+                r = gptq_weight(ctx, p.site, p.weight, p.acts[0] if p.acts else None)
+                if r is None:
+                    continue
+                new.put(p.site.weight, r[0])
+                gain.append(r[1])
+                p.methods.append("gptq")
+            if len(new):
+                ctx.set_initializers(new)
         msg = f"{len(gain)} weights rounded with error compensation"
         if gain:
             msg += f"; output error x{np.median(gain):.2f} (median)"
