@@ -39,7 +39,7 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     elif cfg.recipe == "sqb":  # ablation: SQ-b, then the uniform MSE baseline
         body = [SmoothQuantBias(), UniformParams()]
     elif cfg.recipe == "ias":  # I&S-ViT: three stages, two of them reconstruction (passes/ias.py)
-        require_torch("--recipe ias")
+        require_torch("--recipe ias", cfg.device)
         if cfg.target_bits is not None:
             raise MptqError("--target-bits (Greedy MP) needs a recipe that runs opt-m; --recipe ias does not")
         stages = [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
@@ -49,7 +49,7 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
     if cfg.reconstruct:
-        require_torch()
+        require_torch(device=cfg.device)
         tail.append(KeepFloat())  # before GPTQ moves the weights onto their grids
     if cfg.rounding() == "gptq":
         if not any(isinstance(p, OptM) for p in body):

@@ -212,3 +212,13 @@ def test_qdrop_hook_keeps_about_that_share_of_float_values():
     assert 0.45 < share < 0.55
     h.gen = torch.Generator().manual_seed(0)
     assert torch.equal(h(x), y)  # same seed, same draw
+
+
+def test_cuda_without_a_gpu_fails_before_any_work(embedded_onnx, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    rc = main(["convert", str(embedded_onnx), "--recipe", "ias", "--device", "cuda", "--calib",
+               str(embedded_calib_dir()), "--calib-size", "4", "-o", str(tmp_path / "q.onnx"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "CUDA" in err
+    assert not (tmp_path / "q.onnx").exists()

@@ -19,12 +19,15 @@ from .base import Pass, PassResult
 TORCH_HINT = "--reconstruct needs torch: pip install 'mptq-onnx[export]' (or pip install torch)"
 
 
-def require_torch(what: str = "--reconstruct") -> None:
-    """Fail early, in one line, where torch is missing (before the minutes of the passes before)."""
+def require_torch(what: str = "--reconstruct", device: str = "cpu") -> None:
+    """Fail early, in one line, where torch (or the CUDA device asked for) is missing, before the
+    minutes of the passes before."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise MptqError(TORCH_HINT.replace("--reconstruct", what)) from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MptqError(f"--device {device}: torch sees no CUDA device (train on the CPU: --device cpu)")
 
 
 class KeepFloat(Pass):
