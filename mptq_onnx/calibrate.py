@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .modelio import fill_shell, image_input, take_weights, tensor_nbytes
+from .modelio import LARGE_BYTES, fill_shell, image_input, take_weights, tensor_nbytes
 
 
 @dataclasses.dataclass
@@ -95,7 +95,7 @@ def map_large_allocations() -> None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-EXTERNAL_BYTES = 1 << 16  # initializers at least this large reach onnxruntime as arrays, not serialized
+EXTERNAL_BYTES = LARGE_BYTES  # initializers at least this large reach onnxruntime as arrays, not serialized
 
 
 def lean_copy(model: onnx.ModelProto, outputs: list[str] = (),

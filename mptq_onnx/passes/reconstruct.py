@@ -9,10 +9,12 @@ at blocks whose weights were already rounded or trained.
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import numpy as np
 
 from ..errors import MptqError
+from ..modelio import Spill
 from ..plan import Context
 from .base import Pass, PassResult
 
@@ -50,13 +52,9 @@ class Reconstruct(Pass):
         self.quant_inputs = quant_inputs
 
     def __call__(self, ctx: Context) -> PassResult:
-        require_torch()
-        from ..recon import ReconSettings, reconstruct
         cfg = ctx.config
-        if cfg.device.startswith("cuda"):
-            import torch
-            if not torch.cuda.is_available():
-                raise MptqError(f"--device {cfg.device}: torch sees no CUDA device")
+        require_torch(device=cfg.device)
+        from ..recon import ReconSettings, reconstruct
         st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
                            quant_inputs=self.quant_inputs, drop=cfg.recon_drop)
@@ -65,10 +63,15 @@ class Reconstruct(Pass):
             new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher)
         except NotImplementedError as e:
             raise MptqError(f"{self.name}: {e}") from None
-        for name, w in new.items():
-            ctx.set_initializer(name, w)
+        changed = set(new)
+        if new:
+            with tempfile.TemporaryFile(prefix="mptq_weights_") as f:
+                spill = Spill(f)  # one rebuild of the model, as GPTQ rounding writes its weights
+                for name in list(new):
+                    spill.put(name, new.pop(name))
+                ctx.set_initializers(spill)
         for p in ctx.plan.values():
-            if p.site.weight in new:
+            if p.site.weight in changed:
                 p.methods.append("recon")
         ctx.report.setdefault("reconstruct", {})[self.name] = rows
         trained = [r for r in rows if "loss_after" in r]
