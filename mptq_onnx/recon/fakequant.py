@@ -31,8 +31,9 @@ def _per_axis(v: np.ndarray, axis: int | None, ndim: int, device) -> torch.Tenso
 
 class _UniformSTE(torch.autograd.Function):
     """clip(round(x/s), lo, hi)·s with the straight-through gradient 1 where round(x/s) lies in
-    [lo, hi] (what autograd gives the composed ops): one node and one saved mask instead of the
-    five ops' saved tensors, for about half the fake-quantization time of a training step."""
+    [lo, hi], bounds included (autograd's clamp of the composed ops gives 0 at a bound, so a
+    channel's largest weight never trained): one node and one saved mask instead of the five ops'
+    saved tensors."""
 
     @staticmethod
     def forward(ctx, x, s, lo, hi):
