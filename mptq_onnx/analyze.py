@@ -15,6 +15,7 @@ import onnx
 
 from .errors import MptqError
 from .graph import GraphIndex, attr, node_scope
+from .modelio import model_shell
 
 # ops that move or select tokens without mixing channels (the last axis)
 _TRANSPARENT = {"Reshape", "Transpose", "Slice", "Concat", "Squeeze", "Unsqueeze", "Gather", "Pad",
@@ -234,8 +235,9 @@ def _block_of(name: str) -> str | None:
 
 
 def analyze(model: onnx.ModelProto) -> GraphInfo:
-    model = _infer_shapes(model)
-    gi = GraphIndex(model)
+    # shapes from the weightless shell: inferring on the model itself serialized and copied every
+    # weight (a 1.3 GB peak on vit_base, each time a pass invalidated the analysis)
+    gi = GraphIndex(model, shapes_from=_infer_shapes(model_shell(model)).graph)
     if not gi.graph_inputs or not gi.graph_outputs:
         raise MptqError("the graph has no inputs or outputs")
     sites: list[Site] = []

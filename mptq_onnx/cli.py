@@ -82,7 +82,7 @@ def _config(a):
                       seed=a.seed, progress=not a.quiet, skip_sites=tuple(a.skip or ()),
                       image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
                       reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device,
-                      recon_images=a.recon_images, recon_lr=a.recon_lr,
+                      recon_images=a.recon_images, recon_lr=a.recon_lr, recon_scale_lr=a.recon_scale_lr,
                       softmax_quantizer=a.softmax_quantizer)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
@@ -197,6 +197,9 @@ def _add_quant_args(p):
     p.add_argument("--recon-lr", type=float, default=3e-4,
                    help="--reconstruct and --recipe ias: Adam learning rate, cosine decay (default 3e-4; "
                         "I&S-ViT's own protocol: 4e-5 with --iters 1000 --recon-batch 64)")
+    p.add_argument("--recon-scale-lr", type=float, default=0.0,
+                   help="--reconstruct and --recipe ias: learning rate of the activation quantizers' scales "
+                        "(uniform and region, trained with the weights, LSQ); 0 keeps them as calibrated (default 0)")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "
                         f"{RECON_IMAGES_DEFAULT}, or all it holds; the searches keep --calib-size)")

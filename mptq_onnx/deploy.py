@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .emit import int4_tensor
 from .errors import MptqError
 from .graph import attr
-from .modelio import get_metadata, load_model, save_model, set_metadata
+from .modelio import get_metadata, load_model, model_shell, save_model, set_metadata
 from .passes.qdq import METADATA_KEY
 
 DEPLOY_KEY = "mptq.deploy"
@@ -487,7 +487,7 @@ def deploy(model: onnx.ModelProto, cfg: DeployConfig | None = None) -> tuple[onn
     m.CopyFrom(model)
     shapes: dict[str, list] = {}
     if any(n.op_type == "Conv" and _site_meta(n) for n in m.graph.node):
-        inferred = onnx.shape_inference.infer_shapes(m)
+        inferred = onnx.shape_inference.infer_shapes(model_shell(m))  # shapes only: no weights
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
                                for d in vi.type.tensor_type.shape.dim]

@@ -40,7 +40,9 @@ def node_scope(node: onnx.NodeProto) -> str | None:
 
 
 class GraphIndex:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, shapes_from: onnx.GraphProto | None = None):
+        """`shapes_from`: a graph with the same tensors whose value_info gives the shapes (the
+        shape-inferred shell of `model`)."""
         self.model = model
         g = model.graph
         self.graph = g
@@ -60,7 +62,8 @@ class GraphIndex:
         self.graph_inputs = [i.name for i in g.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in g.output]
         self.shapes: dict[str, list] = {}
-        for vi in list(g.value_info) + list(g.input) + list(g.output):
+        sg = g if shapes_from is None else shapes_from
+        for vi in list(sg.value_info) + list(sg.input) + list(sg.output):
             t = vi.type.tensor_type
             if t.HasField("shape"):
                 self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)

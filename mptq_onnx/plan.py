@@ -61,6 +61,9 @@ class QuantConfig:
     recon_lr: float = 3e-4
     recon_images: int | None = None    # images reconstruction trains on (None: the calibration images)
     recon_drop: float = 0.0            # QDrop: probability an activation skips its quantizer while training
+    # learning rate of the uniform and region activation scales (their logarithms) while
+    # reconstructing; 0 keeps the calibrated scales frozen
+    recon_scale_lr: float = 0.0
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
     # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
     # shift-uniform-log2) on every one of them
@@ -110,6 +113,8 @@ class QuantConfig:
             raise MptqError(f"--recon-images must be at least 1, got {self.recon_images}")
         if not 0.0 <= self.recon_drop < 1.0:
             raise MptqError(f"the QDrop probability must lie in [0, 1), got {self.recon_drop}")
+        if self.recon_scale_lr < 0:
+            raise MptqError(f"the scale learning rate must not be negative, got {self.recon_scale_lr}")
         if self.recon_iters < 0 or self.recon_batch < 1 or not self.recon_lr > 0:
             raise MptqError("--iters must be >= 0, --recon-batch >= 1 and the learning rate > 0")
         if self.device != "cpu" and not self.device.startswith("cuda"):

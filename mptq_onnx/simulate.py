@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from .calibrate import EXTERNAL_BYTES, external_placeholder, session, tensor_nbytes
 from .emit import LN2, Editor
+from .modelio import model_shell
 from .quantizers import Quantizer, sulq_quantizer
 
 
@@ -213,7 +214,7 @@ class TailScorer:
 
     def _value_info(self, t: str) -> onnx.ValueInfoProto:
         if self._types is None:
-            inferred = onnx.shape_inference.infer_shapes(self.sim.model).graph.value_info
+            inferred = onnx.shape_inference.infer_shapes(model_shell(self.sim.model)).graph.value_info
             self._types = {v.name: v for v in inferred}
         v = self._types.get(t)
         return v if v is not None else onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)

@@ -77,6 +77,66 @@ def test_fake_quantizer_gradients_are_straight_through():
     assert torch.equal(grad(fake_quantizer(g)), ref) and 0 < float(ref.sum()) < len(x)
 
 
+def test_learned_scales_start_at_the_frozen_quantizer_and_get_lsq_gradients():
+    """A LearnedScale computes what the frozen quantizer computes; its scale's gradient is LSQ's:
+    sum of g·(clip(round(x/s)) - x/s) inside the range and g·bound outside, through s = exp(θ)."""
+    from mptq_onnx.recon import fake_quantizer
+    from mptq_onnx.recon.fakequant import LearnedScale
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy((rng.standard_normal((4, 9, 16)) * 2).astype(np.float32))
+    for q in (uniform_from_range(-3.0, 5.0, 4), region_quantizer(-0.4, 3.0, 4, 2)):
+        lq = LearnedScale(q)
+        assert torch.equal(lq(x), fake_quantizer(q)(x)), q.describe()
+        g = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
+        (lq(x) * g).sum().backward()
+        s = float(np.asarray(q.scale).reshape(-1)[0])
+        if q.kind == "uniform":
+            z = float(q.zero_point)
+            r = torch.round(x / s)
+            c = torch.clamp(r, q.qmin - z, q.qmax - z)
+            ds = torch.where((r >= q.qmin - z) & (r <= q.qmax - z), c - x / s, c)
+            want = [float((g * ds).sum()) * s]
+        else:
+            xp, xn = torch.relu(x) / s, torch.clamp(x, max=0.0) / q.neg_scale
+            cp, cn = torch.clamp(torch.round(xp), 0, q.qmax), torch.clamp(torch.round(xn), q.qmin, 0)
+            dp = torch.where((x > 0) & (torch.round(xp) <= q.qmax), cp - xp, cp)
+            dn = torch.where((x <= 0) & (torch.round(xn) >= q.qmin), cn - xn, cn)
+            want = [float((g * dp).sum()) * s, float((g * dn).sum()) * q.neg_scale]
+        got = [float(p.grad) for p in lq.params]
+        np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=q.describe())
+        assert lq.quantizer().method.endswith("+lsq")
+
+
+def test_reconstruction_with_learned_scales_writes_the_scales_it_trained(planned):
+    """With scale_lr the activation scales of a block train, the block loss falls, and the
+    quantizers returned are what the torch segment used: rebuilding the segments from the new
+    plan gives the same outputs."""
+    from mptq_onnx.recon import ReconSettings, build_segments, reconstruct
+    float_model, info, plan, _, imgs = planned
+    st = ReconSettings(iters=8, batch=8, lr=1e-4, scale_lr=1e-2)
+    new, rows, acts = reconstruct(float_model, info, plan, imgs, st)
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_after"] < b0["loss_before"] and b0["scales"] > 0
+    assert acts and all(q.method.endswith("+lsq") for q in acts.values())
+    moved = [k for k, q in acts.items() if not np.array_equal(q.scale, plan[k[0]].acts[k[1]].scale)]
+    assert moved
+    plan2 = copy.deepcopy(plan)
+    for (site, i), q in acts.items():
+        plan2[site].acts[i] = q
+    m2 = copy.deepcopy(float_model)
+    by_name = {t.name: t for t in m2.graph.initializer}
+    for k, v in new.items():
+        by_name[k].CopyFrom(onnx.numpy_helper.from_array(v, k))
+    from mptq_onnx.analyze import analyze
+    from mptq_onnx.recon.block import _batched, _mse
+    x = [torch.from_numpy(imgs)]
+    (p_f, b_f), (p_q, b_q) = [[seg for _, seg in build_segments(m, analyze(m), pl)[:2]]
+                               for m, pl in ((float_model, plan), (m2, plan2))]
+    target = _batched(b_f, _batched(p_f, x, False, 64, "cpu"), False, 64, "cpu")
+    got = _batched(b_q, _batched(p_q, x, True, 64, "cpu"), True, 64, "cpu")
+    np.testing.assert_allclose(float(_mse(got, target)), b0["loss_after"], rtol=1e-5)
+
+
 def test_torch_blocks_match_onnxruntime(planned):
     """Each segment in torch (fake quantizers) vs the same nodes of the QDQ model in onnxruntime,
     both fed onnxruntime's activations at the segment's input."""
@@ -114,8 +174,9 @@ def test_short_reconstruction_lowers_the_loss_deterministically(planned):
     from mptq_onnx.recon import ReconSettings, reconstruct
     float_model, info, plan, _, imgs = planned
     st = ReconSettings(iters=8, batch=8, lr=1e-4)
-    new, rows = reconstruct(float_model, info, plan, imgs, st)
-    again, _ = reconstruct(float_model, info, plan, imgs, st)
+    new, rows, acts = reconstruct(float_model, info, plan, imgs, st)
+    again, _, _ = reconstruct(float_model, info, plan, imgs, st)
+    assert acts == {}  # scales stay frozen unless scale_lr is set
     b0 = next(r for r in rows if r["segment"] == "blocks.0")
     assert b0["loss_after"] < b0["loss_before"]
     assert set(new) == set(again) and all(np.array_equal(new[k], again[k]) for k in new)

@@ -42,7 +42,8 @@ def parse_variant(v: str, cfg) -> dict:
     out = {}
     for kv in v.split(","):
         k, val = kv.split("=", 1)
-        k = {"iters": "recon_iters", "lr": "recon_lr", "batch": "recon_batch"}.get(k, k)
+        k = {"iters": "recon_iters", "lr": "recon_lr", "batch": "recon_batch", "slr": "recon_scale_lr",
+             "drop": "recon_drop"}.get(k, k)
         if not hasattr(cfg, k):
             raise SystemExit(f"{v}: {k!r} is not a QuantConfig field")
         out[k] = _parse_like(getattr(cfg, k), val)

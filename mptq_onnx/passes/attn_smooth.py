@@ -107,7 +107,8 @@ class AttnSmooth(Pass):
         for name in list(new_stats):
             stats[name] = new_stats.pop(name)()
         ctx.report["attn_smooth"] = report
-        return PassResult(ctx, True, f"Q/K smoothed in {n_qk} blocks, V/proj shifted and smoothed in {n_v}")
+        return PassResult(ctx, True, f"Q/K smoothed in {n_qk} blocks, V/proj shifted and smoothed in {n_v}",
+                          float_drift=(drift, tol))
 
     def _qk(self, ctx, lin, qk, w, new_stats, save) -> dict | None:
         sq, sk = (ctx.calib.stats[i.tensor] for i in qk.inputs)

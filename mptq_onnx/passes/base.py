@@ -25,6 +25,9 @@ class PassResult:
     context: Context
     modified: bool
     summary: str = ""
+    # (max |Δlogit|, tolerance) a preserves_float pass measured itself after its last change,
+    # against calibration's float logits: PassManager checks it instead of running the model again
+    float_drift: tuple[float, float] | None = None
 
 
 class Pass:
@@ -57,7 +60,7 @@ class PassManager:
             if self.verbose:
                 print(f"[{p.name}] {dt:6.1f}s  {res.summary}", file=sys.stderr)
             if p.preserves_float:
-                check_float(ctx, p.name, ref)
+                check_float(ctx, p.name, ref, res.float_drift if ref is None else None)
         return PassResult(ctx, modified)
 
 
@@ -82,12 +85,13 @@ def float_drift(ctx: Context, n: int = FLOAT_CHECK_IMAGES, ref: np.ndarray | Non
     return float(np.abs(y - ref).max()), float_tolerance(float(np.abs(ref).max()))
 
 
-def check_float(ctx: Context, pass_name: str, ref: np.ndarray | None = None) -> None:
+def check_float(ctx: Context, pass_name: str, ref: np.ndarray | None = None,
+                measured: tuple[float, float] | None = None) -> None:
     """Raise MptqError if the graph's float outputs moved since calibration (or since `ref`, the
-    outputs before the pass), i.e. a rewrite went wrong."""
+    outputs before the pass), i.e. a rewrite went wrong. `measured`: the pass's own float_drift."""
     if ctx.calib is None or ctx.calib_images is None or ctx.materialized:
         return
-    d, tol = float_drift(ctx, ref=ref)
+    d, tol = measured if measured is not None else float_drift(ctx, ref=ref)
     ctx.report.setdefault("float_check", {})[pass_name] = d
     if not d <= tol:  # NaN fails too
         raise MptqError(f"pass {pass_name!r} should keep the float model but changed its outputs by up to {d:.3g} "

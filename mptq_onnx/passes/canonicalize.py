@@ -145,7 +145,7 @@ def fuse_layernorm(model: onnx.ModelProto) -> int:
         return 0
     gi = GraphIndex(model)
     try:  # shapes only: rank and width of the normalized tensor
-        gi.shapes.update(GraphIndex(onnx.shape_inference.infer_shapes(model)).shapes)
+        gi.shapes.update(GraphIndex(onnx.shape_inference.infer_shapes(model_shell(model))).shapes)
     except Exception:
         pass
     found = []

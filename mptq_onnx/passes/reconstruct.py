@@ -57,10 +57,10 @@ class Reconstruct(Pass):
         from ..recon import ReconSettings, reconstruct
         st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
-                           quant_inputs=self.quant_inputs, drop=cfg.recon_drop)
+                           quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr)
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
-            new, rows = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher)
+            new, rows, acts = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher)
         except NotImplementedError as e:
             raise MptqError(f"{self.name}: {e}") from None
         changed = set(new)
@@ -73,6 +73,8 @@ class Reconstruct(Pass):
         for p in ctx.plan.values():
             if p.site.weight in changed:
                 p.methods.append("recon")
+        for (site, i), q in acts.items():  # trained activation scales: the QDQ pass emits these
+            ctx.plan[site].acts[i] = q
         ctx.report.setdefault("reconstruct", {})[self.name] = rows
         trained = [r for r in rows if "loss_after" in r]
         if not trained:

@@ -31,7 +31,7 @@ def gptq_weight(ctx: Context, site, wq: Quantizer, aq: Quantizer | None) -> tupl
     inputs quantized by `aq`, and its output error relative to nearest rounding; None where it
     does not beat nearest rounding (or cannot run)."""
     d = ctx.site_optimizer.data(site) if ctx.site_optimizer is not None else None
-    if wq.kind != "uniform" or np.ndim(wq.scale) != 1 or d is None or d.x is None:
+    if wq.kind != "uniform" or np.ndim(wq.scale) != 1 or d is None or not d.ok:
         return None
     x = fake_quant(d.x_all, aq) if aq is not None else d.x_all
     x = np.ascontiguousarray(x, np.float32)

@@ -20,7 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from ..analyze import GraphInfo
-from .fakequant import fake_quantizer
+from .fakequant import LEARNABLE, LearnedScale, fake_quantizer
 from .interp import Segment
 
 
@@ -41,6 +41,9 @@ class ReconSettings:
     float_weights: bool = False
     quant_inputs: bool = True
     drop: float = 0.0         # QDrop probability while training (see _ActHook)
+    # train the scales of uniform and region activation quantizers too (LSQ), at this learning
+    # rate on their logarithms; 0 keeps them frozen
+    scale_lr: float = 0.0
 
 
 @dataclasses.dataclass
@@ -130,21 +133,30 @@ class _ActHook:
 
 
 def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: str = "cpu",
-                   float_weights: bool = False, specs: list[SegmentSpec] | None = None):
+                   float_weights: bool = False, specs: list[SegmentSpec] | None = None,
+                   learn_scales: bool = False):
     """(spec, torch Segment) per segment, with the plan's fake quantizers hooked in and the
     weights and biases of its weight-quantized sites (of every planned site with a weight, if
-    `float_weights`) as parameters. `specs`: cut at these segments' boundaries (by tensor name)."""
+    `float_weights`) as parameters. `specs`: cut at these segments' boundaries (by tensor name).
+    `learn_scales`: uniform and region activation quantizers are LearnedScale objects; each
+    segment's `learned` lists (site name, input index, LearnedScale) for its nodes."""
     consts = _const_tensors(model.graph)
     nodes = list(model.graph.node)
     by_name = {n.name: n for n in nodes}
     hooks: dict[tuple[str, int], object] = {}
+    learned: dict[str, list] = {}
     trainable: list[str] = []
-    for p in plan.values():
+    for name, p in plan.items():
         s = p.site
         node = by_name[s.node]
-        for a, q in zip(s.inputs, p.acts):
+        for i, (a, q) in enumerate(zip(s.inputs, p.acts)):
             if q is not None:
-                hooks[(s.node, list(node.input).index(a.tensor))] = _ActHook(fake_quantizer(q, device))
+                if learn_scales and q.kind in LEARNABLE:
+                    fq = LearnedScale(q, device)
+                    learned.setdefault(s.node, []).append((name, i, fq))
+                else:
+                    fq = fake_quantizer(q, device)
+                hooks[(s.node, list(node.input).index(a.tensor))] = _ActHook(fq)
         if p.weight is not None:
             hooks[(s.node, list(node.input).index(s.weight))] = fake_quantizer(p.weight, device)
         if p.weight is not None or (float_weights and s.weight):
@@ -158,6 +170,7 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
         seg = Segment(nodes[sp.start:sp.end], consts, sp.inputs, sp.outputs, tuple(trainable), hooks)
         seg.to(device)
         seg.consts = {k: v.to(device) for k, v in seg.consts.items()}
+        seg.learned = [x for n in nodes[sp.start:sp.end] for x in learned.get(n.name, [])]
         out.append((sp, seg))
     return out
 
@@ -190,9 +203,10 @@ def _loss(seg, xs, ts, bs, device) -> float:
 
 def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.ndarray,
                 settings: ReconSettings, teacher: onnx.ModelProto | None = None,
-                ) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Trained weights and biases by initializer name, and a report row per segment. `teacher`:
-    the float model whose block outputs are the targets (default: `model` without quantizers)."""
+                ) -> tuple[dict[str, np.ndarray], list[dict], dict[tuple[str, int], object]]:
+    """Trained weights and biases by initializer name, a report row per segment, and the
+    activation quantizers whose scales trained, by (site name, input index). `teacher`: the float
+    model whose block outputs are the targets (default: `model` without quantizers)."""
     if settings.threads is None:
         return _reconstruct(model, info, plan, images, settings, teacher)
     before = torch.get_num_threads()
@@ -209,7 +223,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
     from ..analyze import analyze
 
     dev = settings.device
-    segs = build_segments(model, info, plan, dev, settings.float_weights)
+    segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0)
     if teacher is not None:
         t_info = analyze(teacher)
         t_plan = {n: dataclasses.replace(p, site=t_info.site(n), weight=None, acts=[]) for n, p in plan.items()}
@@ -221,6 +235,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
     q_env = dict(f_env)
     n = len(x0)
     new: dict[str, np.ndarray] = {}
+    new_acts: dict[tuple[str, int], object] = {}
     rows = []
     for k, ((sp, seg), t_seg) in enumerate(zip(segs, t_segs)):
         t0 = time.perf_counter()
@@ -231,14 +246,19 @@ def _reconstruct(model, info, plan, images, settings, teacher):
                 raise NotImplementedError(f"segment {sp.name}: input {t} is not a batch of activations")
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
-        if seg.param_names and settings.iters > 0:
+        if (seg.param_names or seg.learned) and settings.iters > 0:
             before = _loss(seg, qx, targets, settings.eval_batch, dev)
             start = [p.detach().clone() for p in seg.weights]
+            start_scales = [fq.state() for _, _, fq in seg.learned]
             acts = [h for h in seg.hooks.values() if isinstance(h, _ActHook)]
             gen = torch.Generator(device=dev).manual_seed(settings.seed * 1000 + k)
             for h in acts:
                 h.drop, h.gen = settings.drop, gen
-            opt = torch.optim.Adam(seg.parameters(), lr=settings.lr)
+            groups = [{"params": list(seg.parameters()), "lr": settings.lr}]
+            if seg.learned:
+                groups.append({"params": [v for _, _, fq in seg.learned for v in fq.params],
+                               "lr": settings.scale_lr})
+            opt = torch.optim.Adam([g for g in groups if g["params"]])
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters)
             rng = np.random.default_rng([settings.seed, k])
             bs = min(settings.batch, n)
@@ -261,10 +281,16 @@ def _reconstruct(model, info, plan, images, settings, teacher):
                 with torch.no_grad():
                     for p, p0 in zip(seg.weights, start):
                         p.copy_(p0)
+                for (_, _, fq), st in zip(seg.learned, start_scales):
+                    fq.restore(st)
                 row.update(kept=False, loss_after=before)
             else:
                 for name, p in zip(seg.param_names, seg.weights):
                     new[name] = p.detach().cpu().numpy().astype(np.float32)
+                for site, i, fq in seg.learned:
+                    new_acts[(site, i)] = fq.quantizer()
+            if seg.learned:
+                row["scales"] = len(seg.learned)
         qy = _batched(seg, qx, True, settings.eval_batch, dev) if settings.quant_inputs else targets
         for env, ys in ((f_env, targets), (q_env, qy)):
             for t in [t for t in env if t not in sp.outputs]:
@@ -275,7 +301,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
         if settings.progress and "loss_after" in row:
             tqdm.write(f"recon {sp.name}: loss {row['loss_before']:.4g} -> {row['loss_after']:.4g} "
                        f"({row['seconds']:.1f}s)")
-    return new, rows
+    return new, rows, new_acts
 
 
 def run_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.ndarray,

@@ -7,6 +7,7 @@ builder here plus its numpy reference in quantizers.py. Quantizer parameters are
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -33,37 +34,52 @@ class _UniformSTE(torch.autograd.Function):
     """clip(round(x/s), lo, hi)·s with the straight-through gradient 1 where round(x/s) lies in
     [lo, hi], bounds included (autograd's clamp of the composed ops gives 0 at a bound, so a
     channel's largest weight never trained): one node and one saved mask instead of the five ops'
-    saved tensors."""
+    saved tensors. Where `s` trains, its gradient is LSQ's (Esser et al. 2020): clip(round(x/s)) -
+    x/s inside the range, the bound outside it."""
 
     @staticmethod
     def forward(ctx, x, s, lo, hi):
         r = torch.round(x / s)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((r >= lo) & (r <= hi))
-        return torch.clamp(r, lo, hi).mul_(s)
+        c = torch.clamp(r, lo, hi)
+        gx, gs = ctx.needs_input_grad[:2]
+        mask = (r >= lo) & (r <= hi) if gx or gs else None
+        ctx.save_for_backward(mask if gx else None, torch.where(mask, c - x / s, c) if gs else None)
+        ctx.s_shape = s.shape
+        return c.mul_(s)
 
     @staticmethod
     def backward(ctx, g):
-        (mask,) = ctx.saved_tensors
-        return g * mask, None, None, None
+        mask, ds = ctx.saved_tensors
+        gx = g * mask if mask is not None else None
+        gs = (g * ds).sum_to_size(ctx.s_shape) if ds is not None else None
+        return gx, gs, None, None
 
 
 class _RegionSTE(torch.autograd.Function):
     """The region quantizer (positive and negative parts on their own scales), gradient 1 where
-    the value lies inside its part's range."""
+    the value lies inside its part's range; LSQ's gradient for each scale that trains."""
 
     @staticmethod
     def forward(ctx, x, sp, sn, qmin, qmax):
-        rp = torch.round(torch.relu(x) / sp)
-        rn = torch.round(torch.clamp(x, max=0.0) / sn)
+        pos = x > 0
+        xp, xn = torch.relu(x) / sp, torch.clamp(x, max=0.0) / sn
+        rp, rn = torch.round(xp), torch.round(xn)
+        cp, cn = torch.clamp(rp, 0, qmax), torch.clamp(rn, qmin, 0)
+        saved = [None, None, None]
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(((x > 0) & (rp <= qmax)) | ((x <= 0) & (rn >= qmin)))
-        return torch.clamp(rp, 0, qmax).mul_(sp).add_(torch.clamp(rn, qmin, 0).mul_(sn))
+            saved[0] = (pos & (rp <= qmax)) | (~pos & (rn >= qmin))
+        if ctx.needs_input_grad[1]:
+            saved[1] = torch.where(pos & (rp <= qmax), cp - xp, cp)
+        if ctx.needs_input_grad[2]:
+            saved[2] = torch.where(~pos & (rn >= qmin), cn - xn, cn)
+        ctx.save_for_backward(*saved)
+        return cp.mul_(sp).add_(cn.mul_(sn))
 
     @staticmethod
     def backward(ctx, g):
-        (mask,) = ctx.saved_tensors
-        return g * mask, None, None, None, None
+        mask, dp, dn = ctx.saved_tensors
+        return (g * mask if mask is not None else None, (g * dp).sum() if dp is not None else None,
+                (g * dn).sum() if dn is not None else None, None, None)
 
 
 def _uniform(q: Quantizer, device):
@@ -128,3 +144,57 @@ def fake_quantizer(q: Quantizer, device="cpu"):
         return FAKE[q.kind](q, device)
     except KeyError:
         raise NotImplementedError(f"no torch fake quantizer for kind {q.kind!r}") from None
+
+
+LEARNABLE = ("uniform", "region")
+
+
+class LearnedScale:
+    """A uniform or region quantizer whose scales train with the weights (LSQ's gradient), held
+    as s0·exp(θ) so that one Adam step on θ moves a scale by a ratio, whatever its size. Zero points
+    and bit-widths stay. `quantizer()` is `q` with the trained scales, in the float32 values the
+    forward pass used, so the emitted QDQ computes what was trained."""
+
+    def __init__(self, q: Quantizer, device="cpu"):
+        if q.kind not in LEARNABLE:
+            raise NotImplementedError(f"no learnable scale for kind {q.kind!r}")
+        self.q = q
+        # s = s0·exp(θ), θ from 0: exactly the calibrated scale until it trains (exp(log(s)) is not)
+        s0 = [np.asarray(q.scale, np.float32)] + ([np.float32(q.neg_scale)] if q.kind == "region" else [])
+        self.s0 = [torch.from_numpy(np.array(v, np.float32)).to(device) for v in s0]
+        self.params = [torch.nn.Parameter(torch.zeros_like(v)) for v in self.s0]
+        self.zp = np.asarray(q.zero_point, np.float32)
+        self.device = device
+
+    def _scales(self) -> list[torch.Tensor]:
+        return [s0 * torch.exp(p) for s0, p in zip(self.s0, self.params)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q
+        if q.kind == "region":
+            sp, sn = self._scales()
+            return _RegionSTE.apply(x, sp.reshape(()), sn, q.qmin, q.qmax)
+        (s,) = self._scales()
+        if q.axis is not None and s.dim() > 0:
+            shape = [1] * x.dim()
+            shape[q.axis] = -1
+            s = s.reshape(shape)
+        z = _per_axis(self.zp, q.axis, x.dim(), self.device)
+        return _UniformSTE.apply(x, s, q.qmin - z, q.qmax - z)
+
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def restore(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, state):
+                p.copy_(v)
+
+    def quantizer(self) -> Quantizer:
+        with torch.no_grad():
+            s = [v.cpu().numpy().astype(np.float32) for v in self._scales()]
+        method = self.q.method if self.q.method.endswith("+lsq") else self.q.method + "+lsq"
+        if self.q.kind == "region":
+            return dataclasses.replace(self.q, scale=s[0].reshape(np.shape(self.q.scale)),
+                                       neg_scale=float(s[1]), method=method)
+        return dataclasses.replace(self.q, scale=s[0].reshape(np.shape(self.q.scale)), method=method)
