@@ -197,9 +197,9 @@ def _add_quant_args(p):
     p.add_argument("--recon-lr", type=float, default=3e-4,
                    help="--reconstruct and --recipe ias: Adam learning rate, cosine decay (default 3e-4; "
                         "I&S-ViT's own protocol: 4e-5 with --iters 1000 --recon-batch 64)")
-    p.add_argument("--recon-scale-lr", type=float, default=0.0,
+    p.add_argument("--recon-scale-lr", type=float, default=3e-3,
                    help="--reconstruct and --recipe ias: learning rate of the activation quantizers' scales "
-                        "(uniform and region, trained with the weights, LSQ); 0 keeps them as calibrated (default 0)")
+                        "(uniform and region, trained with the weights, LSQ); 0 keeps them as calibrated (default 3e-3)")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "
                         f"{RECON_IMAGES_DEFAULT}, or all it holds; the searches keep --calib-size)")

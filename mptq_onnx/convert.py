@@ -42,12 +42,13 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         require_torch("--recipe ias", cfg.device)
         if cfg.target_bits is not None:
             raise MptqError("--target-bits (Greedy MP) needs a recipe that runs opt-m; --recipe ias does not")
-        stages = [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
-                  IasFold(), IasWeights(), Reconstruct("ias-stage3")]
-        return head + stages[:{1: 3, 2: 4, 3: 6}[cfg.ias_stages]] + [WriteQDQ()]
+        body = [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
+                IasFold(), IasWeights(), Reconstruct("ias-stage3")][:{1: 3, 2: 4, 3: 6}[cfg.ias_stages]]
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
+    if cfg.reconstruct and cfg.recipe == "ias":
+        raise MptqError("--recipe ias reconstructs already (its stages 1 and 3); drop --reconstruct")
     if cfg.reconstruct:
         require_torch(device=cfg.device)
         tail.append(KeepFloat())  # before GPTQ moves the weights onto their grids

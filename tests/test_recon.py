@@ -283,3 +283,11 @@ def test_cuda_without_a_gpu_fails_before_any_work(embedded_onnx, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "CUDA" in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_ias_with_reconstruct_is_an_error_not_a_silent_no_op():
+    from mptq_onnx.errors import MptqError
+    with pytest.raises(MptqError, match="reconstructs already"):
+        recipe_passes(QuantConfig(recipe="ias", reconstruct=True, progress=False))
+    names = [p.name for p in recipe_passes(QuantConfig(recipe="ias", ias_stages=2, progress=False))]
+    assert names == ["canonicalize", "calibrate", "ias-act", "keep-float", "ias-stage1", "ias-fold", "qdq"]

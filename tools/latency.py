@@ -3,6 +3,7 @@
 
     python tools/latency.py --model deit_small_patch16_224 --calib ../shared/data/tin_calib \
         --work /tmp/lat --batches 1 16 --reps 20 --threads 2 --json-out run.json
+    python tools/latency.py --table run.json      # the table again, from the run file
 
 For each --model (a timm name, exported with random weights, or a float .onnx) the variants are
 built into --work once (reused when present):
@@ -122,9 +123,10 @@ def table(rows: list[dict], batches: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--model", nargs="+", required=True, help="timm names or float .onnx files")
-    ap.add_argument("--calib", required=True, help="calibration images (ImageFolder or .npy)")
-    ap.add_argument("--work", required=True, help="where the variants are built and kept")
+    ap.add_argument("--model", nargs="+", help="timm names or float .onnx files")
+    ap.add_argument("--calib", help="calibration images (ImageFolder or .npy)")
+    ap.add_argument("--work", help="where the variants are built and kept")
+    ap.add_argument("--table", metavar="RUN_JSON", help="only print the table of a run written by --json-out")
     ap.add_argument("--calib-size", type=int, default=32)
     ap.add_argument("--levels", type=int, nargs="+", default=[4], help="MatMulNBits accuracy levels (default 4)")
     ap.add_argument("--w4-recipe", default="mptq", help="recipe of the W4A8 variant (default mptq)")
@@ -133,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="intra_op_num_threads (default 2)")
     ap.add_argument("--json-out", help="write the run here")
     a = ap.parse_args(argv)
+    if a.table:
+        run = json.loads(Path(a.table).read_text())
+        print(table(run["rows"], run["batches"]))
+        print(f"\n{run['reps']} interleaved repetitions, intra_op_num_threads={run['threads']}, "
+              f"onnxruntime {run['onnxruntime']}; {'; '.join(run['load'])}")
+        return 0
+    if not (a.model and a.calib and a.work):
+        ap.error("--model, --calib and --work are required (or --table)")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     rows, loads = [], [_load()]
     for model in a.model:
