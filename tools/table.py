@@ -5,14 +5,17 @@ import sys
 NAMES = {"float": "float32", "ort:8:MinMax": "onnxruntime quantize_static W8A8 MinMax",
          "ort:4:MinMax": "onnxruntime quantize_static W4A4 MinMax",
          "ort:4:Percentile": "onnxruntime quantize_static W4A4 Percentile"}
+# reconstruction settings that are the defaults (QuantConfig/CLI): not repeated in labels
+RECON_DEFAULTS = ("recon_images=512", "recon_scale_lr=3e-3")
 
 
 def label(c: str) -> str:
     if c in NAMES:
         return NAMES[c]
     recipe, b, *mods = c.split(":")
-    extra = [m for m in mods if m != "img=abits"]
-    suffix = (f" (image input at A{b})" if "img=abits" in mods else "") + (f" ({', '.join(extra)})" if extra else "")
+    extra = [m for m in mods if m not in ("img=abits", "recon") and m not in RECON_DEFAULTS]
+    suffix = ((" + reconstruction" if "recon" in mods else "") + (f" (image input at A{b})" if "img=abits" in mods else "")
+              + (f" ({', '.join(extra)})" if extra else ""))
     if recipe.endswith("-mp"):
         return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits{suffix}"
     return f"mptq-onnx {recipe} W{b}A{b}{suffix}"
