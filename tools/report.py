@@ -112,13 +112,18 @@ def plot(cards, path: Path) -> None:
             color, marker = styles.get(key, ("tab:olive", "h"))
             name = {"float": "float32", "ort": "onnxruntime quantize_static",
                     "mptq-mp": "mptq + Greedy MP (average bits)"}.get(key, key)
-            ax.scatter(r["size_mb"], r["top1"], color=color, marker=marker, s=55, zorder=3,
-                       label=None if key in seen else name)
+            if "recon" in parts[2:]:  # + reconstruction: hollow marker, its own legend entry
+                key, name = key + "+recon", key + " + reconstruction"
+                color, marker = styles.get(parts[0], ("tab:olive", "h"))
+            hollow = key.endswith("+recon")
+            face = dict(facecolors="none", edgecolors=color) if hollow else dict(color=color)
+            ax.scatter(r["size_mb"], r["top1"], marker=marker, s=55, zorder=3,
+                       label=None if key in seen else name, **face)
             seen.add(key)
             if key != "float":
                 tag = f"{parts[1]} bits avg" if key == "mptq-mp" else f"W{parts[1]}A{parts[1]}"
-                ax.annotate(tag, (r["size_mb"], r["top1"]),
-                            textcoords="offset points", xytext=(6, -3), fontsize=7, color=color)
+                ax.annotate(tag + (" + recon" if hollow else ""), (r["size_mb"], r["top1"]),
+                            textcoords="offset points", xytext=(6, 4 if hollow else -7), fontsize=7, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("model file size, MB (log scale; 3, 5 and 6 bits are stored in 8-bit containers)")
         ax.set_ylabel("top-1 on tin_val_dev")
