@@ -22,7 +22,7 @@ from tools.table import label, order  # noqa: E402
 RUNS = REPO / "docs" / "runs"
 RESULTS_MD, README, PLOT = REPO / "docs" / "results.md", REPO / "README.md", REPO / "docs" / "results.png"
 SUMMARY = ["float", "ort:8:MinMax", "ort:4:MinMax", "uniform:8", "mptq:6", "mptq-mp:5", "uniform:4", "mptq:4",
-           "mptq:4:recon:recon_images=512:recon_scale_lr=3e-3"]
+           "mptq:4:recon:recon_images=512:recon_scale_lr=3e-3", "ias:4:recon_images=512:recon_scale_lr=3e-3"]
 MARK = {"results": ("<!-- results:begin (tools/report.py) -->", "<!-- results:end -->"),
         "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->")}
 
