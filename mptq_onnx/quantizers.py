@@ -260,15 +260,16 @@ def search_per_channel(x: np.ndarray, bits: int, lo: np.ndarray, hi: np.ndarray,
     each channel's range shrunk by the ratio of `ratios` with the smallest squared error of that
     channel (I&S-ViT searches percentiles per channel the same way, by MSE)."""
     x = np.asarray(x, F32)
+    lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     best_err = np.full(x.shape[1], np.inf)
-    best_lo, best_hi = np.asarray(lo, np.float64).copy(), np.asarray(hi, np.float64).copy()
+    best_lo, best_hi = lo64.copy(), hi64.copy()
     for r in ratios:
-        q = uniform_per_channel(lo * r, hi * r, bits)
+        q = uniform_per_channel(lo * r, hi * r, bits)  # in the input's dtype, as the search scores it
         d = fake_quant(x, q) - x
         e = np.einsum("nc,nc->c", d, d)
         better = e < best_err
         best_err[better] = e[better]
-        best_lo[better], best_hi[better] = (np.asarray(lo, np.float64) * r)[better], (np.asarray(hi, np.float64) * r)[better]
+        best_lo[better], best_hi[better] = (lo64 * r)[better], (hi64 * r)[better]
     return uniform_per_channel(best_lo, best_hi, bits, method="mse-per-channel")
 
 

@@ -1,19 +1,36 @@
 """Render tools/benchmark.py JSON results as a Markdown table: python tools/table.py runs/deit_tiny_tin.json"""
 import json
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mptq_onnx.cli import RECON_IMAGES_DEFAULT  # noqa: E402
+from mptq_onnx.plan import QuantConfig  # noqa: E402
 
 NAMES = {"float": "float32", "ort:8:MinMax": "onnxruntime quantize_static W8A8 MinMax",
          "ort:4:MinMax": "onnxruntime quantize_static W4A4 MinMax",
          "ort:4:Percentile": "onnxruntime quantize_static W4A4 Percentile"}
-# reconstruction settings that are the defaults (QuantConfig/CLI): not repeated in labels
-RECON_DEFAULTS = ("recon_images=512", "recon_scale_lr=3e-3")
+# reconstruction settings at the CLI's defaults are not repeated in labels
+RECON_DEFAULTS = {"recon_images": RECON_IMAGES_DEFAULT, "recon_scale_lr": QuantConfig.recon_scale_lr}
+
+
+def _is_default(mod: str) -> bool:
+    k, _, v = mod.partition("=")
+    if k not in RECON_DEFAULTS:
+        return False
+    try:
+        return float(v) == RECON_DEFAULTS[k]
+    except ValueError:
+        return False
 
 
 def label(c: str) -> str:
     if c in NAMES:
         return NAMES[c]
     recipe, b, *mods = c.split(":")
-    extra = [m for m in mods if m not in ("img=abits", "recon") and m not in RECON_DEFAULTS]
+    extra = [m for m in mods if m not in ("img=abits", "recon") and not _is_default(m)]
     suffix = ((" + reconstruction" if "recon" in mods else "") + (f" (image input at A{b})" if "img=abits" in mods else "")
               + (f" ({', '.join(extra)})" if extra else ""))
     if recipe.endswith("-mp"):

@@ -21,8 +21,10 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _per_axis(v: np.ndarray, axis: int | None, ndim: int, device) -> torch.Tensor:
-    t = torch.from_numpy(np.asarray(v, np.float32).copy()).to(device)
+def _per_axis(v, axis: int | None, ndim: int, device) -> torch.Tensor:
+    """`v` (an array, or a tensor, kept in autograd's graph) shaped to broadcast along `axis` of an
+    `ndim`-dimensional tensor."""
+    t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, np.float32).copy()).to(device)
     if axis is None or t.dim() == 0:
         return t
     shape = [1] * ndim
@@ -39,11 +41,12 @@ class _UniformSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, lo, hi):
-        r = torch.round(x / s)
+        xs = x / s
+        r = torch.round(xs)
         c = torch.clamp(r, lo, hi)
         gx, gs = ctx.needs_input_grad[:2]
         mask = (r >= lo) & (r <= hi) if gx or gs else None
-        ctx.save_for_backward(mask if gx else None, torch.where(mask, c - x / s, c) if gs else None)
+        ctx.save_for_backward(mask if gx else None, torch.where(mask, c - xs, c) if gs else None)
         ctx.s_shape = s.shape
         return c.mul_(s)
 
@@ -165,6 +168,7 @@ class LearnedScale:
         self.params = [torch.nn.Parameter(torch.zeros_like(v)) for v in self.s0]
         self.zp = np.asarray(q.zero_point, np.float32)
         self.device = device
+        self._bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by x.dim(), as _uniform caches
 
     def _scales(self) -> list[torch.Tensor]:
         return [s0 * torch.exp(p) for s0, p in zip(self.s0, self.params)]
@@ -174,13 +178,11 @@ class LearnedScale:
         if q.kind == "region":
             sp, sn = self._scales()
             return _RegionSTE.apply(x, sp.reshape(()), sn, q.qmin, q.qmax)
+        if x.dim() not in self._bounds:
+            z = _per_axis(self.zp, q.axis, x.dim(), self.device)
+            self._bounds[x.dim()] = (q.qmin - z, q.qmax - z)
         (s,) = self._scales()
-        if q.axis is not None and s.dim() > 0:
-            shape = [1] * x.dim()
-            shape[q.axis] = -1
-            s = s.reshape(shape)
-        z = _per_axis(self.zp, q.axis, x.dim(), self.device)
-        return _UniformSTE.apply(x, s, q.qmin - z, q.qmax - z)
+        return _UniformSTE.apply(x, _per_axis(s, q.axis, x.dim(), self.device), *self._bounds[x.dim()])
 
     def state(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
