@@ -68,7 +68,7 @@ def group_error(xs: np.ndarray, ws: list[np.ndarray], ys: list[np.ndarray], mu, 
         d = xq @ wq  # + μW − y, in place (bias cancels: b' − b = μW)
         d += mu @ w
         d -= y
-        err += float((d * d).sum() / max(yn, 1e-12))
+        err += float(np.square(d, out=d).sum() / max(yn, 1e-12))
     return err
 
 
