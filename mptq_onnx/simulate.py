@@ -241,6 +241,10 @@ class TailScorer:
 
     def _tail(self, c: int):
         if c not in self._sess:
+            # one tail session at a time: each keeps its weights and its own arena, and held for
+            # every cut at once they were most of Greedy MP's 8.7 GB on deit_small (callers run
+            # the configurations of one cut together: see GreedyMP)
+            self._sess.clear()
             src = self.sim.model.graph
             # nodes from the cut on, and the constant nodes before it that they use
             need = {x for n in self.nodes[c:] for x in n.input}

@@ -219,6 +219,7 @@ def test_tail_scorer_matches_whole_runs(optm_w8a8, calib):
     assert len(set(starts)) >= 4 and min(starts) < max(starts)  # several cuts are used
     for f in moves:
         np.testing.assert_allclose(tails.run(f), sim.run(imgs, {**base, **f}), rtol=1e-5, atol=1e-5)
+        assert len(tails._sess) <= 1  # one tail session alive at a time (each holds weights and an arena)
 
 
 def test_greedy_mp_reaches_budget(calibrated):

@@ -148,8 +148,8 @@ class GreedyMP(Pass):
         tails = TailScorer(sim, imgs, {})  # each move runs the network from its block on
         move_f = [move_feeds(sites[n], t, b) for n, t, b in moves]
         tails.prepare(move_f)
-        for (n, t, b), f in tqdm(list(zip(moves, move_f)), desc="greedy-mp: sensitivity",
-                                 disable=not cfg.progress, leave=False):
+        by_cut = sorted(zip(moves, move_f), key=lambda m: tails.start(m[1]))  # one tail session at a time
+        for (n, t, b), f in tqdm(by_cut, desc="greedy-mp: sensitivity", disable=not cfg.progress, leave=False):
             measured[(n, t)][b] = kl_divergence(ref, tails.run(f)) - kl0
         table = {}
         for k, m in measured.items():
