@@ -108,6 +108,10 @@ def opt_weight(ctx: Context, site, data: SiteData | None, bits: int) -> Quantize
     w_io = data.w  # read from the graph once
     if len(data.x_all) < w_io.shape[0]:  # fewer tokens than input channels: X is the thinner factor
         q = search_weight(w_io, 1, bits, rows=data.x_all, method="opt-m")  # over [in, out]
+    elif len(data.x) < w_io.shape[0]:
+        # wider than the search sample (vit_base's fc2: 3072 inputs): its ROWS tokens score each
+        # candidate in a quarter of H's products, as they score the activation candidates
+        q = search_weight(w_io, 1, bits, rows=data.x, method="opt-m")
     else:
         q = search_weight(w_io, 1, bits, hessian=data.hessian, method="opt-m")
     q.axis = site.w_out_axis  # per output channel: same vector whichever way the weight is stored
