@@ -241,6 +241,25 @@ def test_ias_fold_leaves_float_and_quantized_model_unchanged():
     assert np.abs(after_q - before_q).mean() < 1e-5 * scale
 
 
+def test_greedy_mp_then_reconstruction(embedded_onnx, tmp_path):
+    """--target-bits with --reconstruct: Greedy MP picks the widths and reconstruction trains
+    through those mixed-width quantizers; the file keeps Greedy MP's widths. (The uniform recipe
+    for time: with mptq the same tail runs after OPT-m's searches at every candidate width.)"""
+    out = tmp_path / "q.onnx"
+    rc = main(["convert", str(embedded_onnx), "--recipe", "uniform", "--target-bits", "6", "--mp-candidates", "8", "4",
+               "--mp-images", "2", "--reconstruct", "--iters", "3", "--recon-batch", "8", "--calib",
+               str(embedded_calib_dir()), "--calib-size", "8", "--recon-images", "16", "-o", str(out), "-q"])
+    assert rc == 0 and out.exists()
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    order = [p["pass"] for p in rep["passes"]]
+    assert order.index("greedy-mp") < order.index("reconstruct")
+    assert len(rep["reconstruct"]["reconstruct"]) == 14
+    assert {r["w_bits"] for r in rep["layers"] if r["w_bits"]} == {4, 8}  # mixed: both candidates in use
+    mp = rep["greedy_mp"]
+    assert mp["avg_w_bits"] <= 6 + 1e-6 and mp["avg_a_bits"] <= 6 + 1e-6
+    assert any("recon" in r["method"] for r in rep["layers"])
+
+
 def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
     """--recipe ias end to end: both reconstruction stages train and are reported."""
     out = tmp_path / "q.onnx"

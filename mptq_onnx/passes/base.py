@@ -68,9 +68,14 @@ def float_tolerance(ref_absmax: float) -> float:
     return 1e-3 * ref_absmax + 1e-4
 
 
+def _float_runnable(ctx: Context) -> bool:
+    """Calibrated, and the graph still float (not yet written as QDQ)."""
+    return ctx.calib is not None and ctx.calib_images is not None and not ctx.materialized
+
+
 def float_outputs(ctx: Context, n: int = FLOAT_CHECK_IMAGES) -> np.ndarray | None:
     """The graph's outputs now on the first `n` calibration images (None before calibration)."""
-    if ctx.calib is None or ctx.calib_images is None or ctx.materialized:
+    if not _float_runnable(ctx):
         return None
     x = ctx.calib_images[:n]
     out, inp = ctx.model.graph.output[0].name, image_input(ctx.model).name
@@ -89,7 +94,7 @@ def check_float(ctx: Context, pass_name: str, ref: np.ndarray | None = None,
                 measured: tuple[float, float] | None = None) -> None:
     """Raise MptqError if the graph's float outputs moved since calibration (or since `ref`, the
     outputs before the pass), i.e. a rewrite went wrong. `measured`: the pass's own float_drift."""
-    if ctx.calib is None or ctx.calib_images is None or ctx.materialized:
+    if not _float_runnable(ctx):
         return
     d, tol = measured if measured is not None else float_drift(ctx, ref=ref)
     ctx.report.setdefault("float_check", {})[pass_name] = d
