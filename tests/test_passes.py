@@ -427,3 +427,22 @@ def test_softmax_quantizer_sulq(calibrated, calib):
     assert UniformProvider(ctx).act_kinds(av[0], 0) == ["uniform"]
     with pytest.raises(MptqError, match="softmax-quantizer"):
         QuantConfig(softmax_quantizer="log2").validate()
+
+
+def test_ias_before_stage_3_reports_float_weights(calibrated):
+    """`ias` stopped after stage 1 or 2 keeps float weights: the plan, the report and the
+    per-node metadata say so (they said W4, which `deploy` would have read as int4 weights)."""
+    from mptq_onnx.passes.ias import IasActQuant, IasWeights
+    from mptq_onnx.passes.qdq import WriteQDQ
+    ctx = _copy(calibrated, recipe="ias", wbits=4, abits=4)
+    IasActQuant()(ctx)
+    assert all(p.w_bits is None and p.weight is None for p in ctx.plan.values())
+    staged = copy.deepcopy(ctx, {id(ctx.calib_images): ctx.calib_images})
+    WriteQDQ()(ctx)
+    assert ctx.report["avg_w_bits"] == 32.0 and ctx.report["avg_a_bits"] < 5
+    meta = {n.name: {p.key: p.value for p in n.metadata_props} for n in ctx.model.graph.node}
+    site_meta = [m for m in meta.values() if "mptq.w_bits" in m]
+    assert site_meta and all(m["mptq.w_bits"] == "float" for m in site_meta)
+    IasWeights()(staged)  # stage 3's quantizers: W4 from here on
+    assert {p.w_bits for p in staged.plan.values() if p.site.weight} == {4}
+    assert average_bits(staged.plan)[0] == 4.0

@@ -47,7 +47,7 @@ class IasActQuant(Pass):
         for site in ctx.info.sites:
             if skipped(ctx, site):
                 continue
-            p = SitePlan(site, cfg.wbits if site.weight else None, cfg.site_abits(site))
+            p = SitePlan(site, None, cfg.site_abits(site))  # weights float until IasWeights
             acts = []
             for i, a in enumerate(site.inputs):
                 if a.tensor in groups:
@@ -108,7 +108,8 @@ class IasWeights(Pass):
     def __call__(self, ctx: Context) -> PassResult:
         n = 0
         for p in ctx.plan.values():
-            if p.site.weight and p.w_bits is not None:
+            if p.site.weight:
+                p.w_bits = ctx.config.wbits
                 p.weight = weight_quantizer(ctx, p.site, p.w_bits, "mse")
                 n += 1
         return PassResult(ctx, bool(n), f"W{ctx.config.wbits} per-channel weight quantizers on {n} sites")

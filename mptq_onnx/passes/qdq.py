@@ -88,9 +88,10 @@ def plan_table(plan: dict[str, SitePlan]) -> list[dict]:
 
 
 def average_bits(plan: dict[str, SitePlan], act_sizes: dict[str, float] | None = None) -> tuple[float, float]:
-    """Parameter-weighted weight bits and activation bits (weighted by elements per image if given)."""
-    wn = sum(p.site.n_params for p in plan.values() if p.w_bits)
-    wb = sum(p.site.n_params * p.w_bits for p in plan.values() if p.w_bits) / max(wn, 1)
+    """Parameter-weighted weight bits and activation bits (weighted by elements per image if given).
+    A weight the plan leaves float (`ias` stopped before stage 3) counts as 32 bits."""
+    wn = sum(p.site.n_params for p in plan.values() if p.site.weight)
+    wb = sum(p.site.n_params * (p.w_bits or 32) for p in plan.values() if p.site.weight) / max(wn, 1)
     tot = num = 0.0
     for p in plan.values():
         for a, q in zip(p.site.inputs, p.acts):
