@@ -4,8 +4,9 @@
     python tools/report.py --check         # exit 1 if the tables in docs/results.md or README.md are stale
     python tools/report.py --no-plot       # tables only (the plot needs the [plot] extra: matplotlib)
 
-docs/results.md gets one full table per model card (every config of its run file), README.md one
-summary table (SUMMARY's configs, the cards side by side). Rows are in tools/table.py's order.
+docs/results.md gets one full table per model card (every config of its run file) and issue 15's
+ablation (ABLATION's steps per card and width, each paired against the row above it, tools/paired.py),
+README.md one summary table (SUMMARY's configs, the cards side by side). Rows are in tools/table.py's order.
 """
 from __future__ import annotations
 
@@ -24,7 +25,17 @@ RESULTS_MD, README, PLOT = REPO / "docs" / "results.md", REPO / "README.md", REP
 SUMMARY = ["float", "ort:8:MinMax", "ort:4:MinMax", "uniform:8", "mptq:6", "mptq-mp:5", "uniform:4", "mptq:4",
            "mptq:4:recon:recon_images=512:recon_scale_lr=3e-3", "ias:4:recon_images=512:recon_scale_lr=3e-3"]
 MARK = {"results": ("<!-- results:begin (tools/report.py) -->", "<!-- results:end -->"),
-        "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->")}
+        "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->"),
+        "ablation": ("<!-- ablation:begin (tools/report.py) -->", "<!-- ablation:end -->")}
+_IAS = "ias:{b}:recon_images=512:recon_scale_lr=3e-3"
+# issue 15's ablation, each step against the row above it (a missing row is skipped)
+ABLATION = [("uniform (MSE clipping)", "uniform:{b}"),
+            ("+ SULQ on post-Softmax inputs", "uniform:{b}:softmax_quantizer=sulq"),
+            ("+ stage 1: channel-wise activations, float weights reconstructed (weights still float)", _IAS + ":ias_stages=1"),
+            ("+ stage 2: channel-wise scales folded to layer-wise (weights still float)", _IAS + ":ias_stages=2"),
+            ("+ stage 3: weights quantized, reconstructed (= `ias`)", _IAS),
+            ("`mptq`", "mptq:{b}"),
+            ("`mptq` + reconstruction", "mptq:{b}:recon:recon_images=512:recon_scale_lr=3e-3")]
 
 
 def load(paths) -> dict[str, list[dict]]:
@@ -81,6 +92,32 @@ def summary_table(cards: dict[str, list[dict]]) -> str:
             cells += [f"{r['top1']:.4f}{pct}", f"{r['size_mb']:.1f}", f"{r['images_per_s']:.0f}"]
         out.append(f"| {label(cfg)} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def ablation_table(cards: dict[str, list[dict]]) -> str:
+    from tools.paired import compare, hits
+    out = []
+    for card, rows in cards.items():
+        by, f = {r["config"]: r for r in rows}, _float_top1(rows)
+        for b in (4, 3):
+            present = [(name, by[cfg.format(b=b)]) for name, cfg in ABLATION if cfg.format(b=b) in by]
+            if len(present) < 2:
+                continue
+            out += [f"**{card} W{b}A{b}** (float {f:.4f})\n" if f else f"**{card} W{b}A{b}**\n",
+                    "| step | config | top-1 | % of float | vs the row above: points (95% interval), p | convert s |",
+                    "|---|---|---|---|---|---|"]
+            prev = None
+            for name, r in present:
+                pct = f"{100 * r['top1'] / f:.1f}" if f else "-"
+                vs = "-"
+                if prev is not None and "hits" in r and "hits" in prev and r["images"] == prev["images"]:
+                    c = compare(hits(prev), hits(r))
+                    lo, hi = c["ci95"]
+                    vs = f"{100 * c['diff']:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f}), p = {c['p']:.2g}"
+                out.append(f"| {name} | `{r['config']}` | {r['top1']:.4f} | {pct} | {vs} | {r['convert_seconds']:.0f} |")
+                prev = r
+            out.append("")
+    return "\n".join(out)
 
 
 def results_block(cards) -> str:
@@ -145,7 +182,8 @@ def main(argv=None) -> int:
     if not cards:
         raise SystemExit("no run files")
     stale = []
-    for path, which, block in [(RESULTS_MD, "results", results_block(cards)), (README, "summary", summary_table(cards))]:
+    for path, which, block in [(RESULTS_MD, "results", results_block(cards)), (RESULTS_MD, "ablation", ablation_table(cards)),
+                               (README, "summary", summary_table(cards))]:
         old = path.read_text()
         new = splice(old, which, block)
         if new != old:
