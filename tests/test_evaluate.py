@@ -280,6 +280,7 @@ def test_paired_comparison_counts_and_sign_test(tmp_path):
     assert r["ci95"][0] < -0.02 < r["ci95"][1] < 0.03
     assert r["p"] == pytest.approx(2 * 22 / 64)  # two-sided: 2 P(k <= 2 of 6)
     assert mod.sign_test_p(0, 10) == pytest.approx(2 / 1024) and mod.sign_test_p(5, 10) == 1.0
+    assert mod.sign_test_p(600, 2000) < 1e-60 and mod.sign_test_p(1000, 2000) == 1.0  # past 2.0 ** 1023
     row = lambda c, h: {"config": c, "images": h.size, "val": "v", "limit": None,  # noqa: E731
                         "hits": np.packbits(h).tobytes().hex()}
     f = tmp_path / "r.json"

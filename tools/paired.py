@@ -31,7 +31,7 @@ def sign_test_p(k: int, n: int) -> float:
     if n == 0:
         return 1.0
     lo = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(lo + 1)) / 2.0 ** n
+    tail = sum(math.comb(n, i) for i in range(lo + 1)) / (1 << n)  # exact ints: 2.0 ** n overflows past n = 1023
     return min(1.0, 2 * tail)
 
 
