@@ -28,6 +28,7 @@ MARK = {"results": ("<!-- results:begin (tools/report.py) -->", "<!-- results:en
         "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->"),
         "ablation": ("<!-- ablation:begin (tools/report.py) -->", "<!-- ablation:end -->")}
 _IAS = "ias:{b}:recon_images=512:recon_scale_lr=3e-3"
+ABLATION_ONLY = ("ias_stages=", "softmax_quantizer=")  # modifiers of rows the plot leaves out
 # issue 15's ablation, each step against the row above it (a missing row is skipped)
 ABLATION = [("uniform (MSE clipping)", "uniform:{b}"),
             ("+ SULQ on post-Softmax inputs", "uniform:{b}:softmax_quantizer=sulq"),
@@ -145,6 +146,8 @@ def plot(cards, path: Path) -> None:
         seen = set()
         for r in rows:
             parts = r["config"].split(":")
+            if any(m.startswith(ABLATION_ONLY) for m in parts[2:]):
+                continue  # ablation steps (float weights, SULQ alone): in the ablation table
             key = "ort" if parts[0] == "ort" else parts[0]
             color, marker = styles.get(key, ("tab:olive", "h"))
             name = {"float": "float32", "ort": "onnxruntime quantize_static",
@@ -158,7 +161,7 @@ def plot(cards, path: Path) -> None:
                        label=None if key in seen else name, **face)
             seen.add(key)
             if key != "float":
-                tag = f"{parts[1]} bits avg" if key == "mptq-mp" else f"W{parts[1]}A{parts[1]}"
+                tag = f"{parts[1]} bits avg" if parts[0].endswith("-mp") else f"W{parts[1]}A{parts[1]}"
                 ax.annotate(tag + (" + recon" if hollow else ""), (r["size_mb"], r["top1"]),
                             textcoords="offset points", xytext=(6, 4 if hollow else -7), fontsize=7, color=color)
         ax.set_xscale("log")
