@@ -65,6 +65,9 @@ class QuantConfig:
     # reconstructing; 0 keeps the calibrated scales frozen. 3e-3 lowered held-out KL most on
     # deit_tiny_tin W4A4 (tin_calib; 1e-2 less)
     recon_scale_lr: float = 3e-3
+    # --reconstruct: first train the float weights under the plan's activation quantizers (I&S-ViT's
+    # stage 1, inputs from the float model), then round and reconstruct as usual
+    recon_float_first: bool = False
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
     # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
     # shift-uniform-log2) on every one of them

@@ -310,3 +310,19 @@ def test_ias_with_reconstruct_is_an_error_not_a_silent_no_op():
         recipe_passes(QuantConfig(recipe="ias", reconstruct=True, progress=False))
     names = [p.name for p in recipe_passes(QuantConfig(recipe="ias", ias_stages=2, progress=False))]
     assert names == ["canonicalize", "calibrate", "ias-act", "keep-float", "ias-stage1", "ias-fold", "qdq"]
+
+
+def test_recon_float_first_trains_float_weights_before_rounding():
+    """recon_float_first: a float-weight stage (I&S-ViT's first) between keep-float and GPTQ
+    rounding; the float target is kept before it. Tools parse the flag as 0/1."""
+    names = [p.name for p in recipe_passes(QuantConfig(recipe="mptq", reconstruct=True, recon_float_first=True,
+                                                       progress=False))]
+    assert names[-5:] == ["keep-float", "recon-float", "rounding", "reconstruct", "qdq"]
+    stage = [p for p in recipe_passes(QuantConfig(recipe="mptq", reconstruct=True, recon_float_first=True,
+                                                  progress=False)) if p.name == "recon-float"][0]
+    assert stage.float_weights and stage.weights_unquantized and not stage.quant_inputs
+    from tools.specs import quant_config
+    assert quant_config("mptq:3:recon:recon_float_first=1")[0].recon_float_first is True
+    assert quant_config("mptq:3:recon:recon_float_first=0")[0].recon_float_first is False
+    with pytest.raises(ValueError):
+        quant_config("mptq:3:recon:recon_float_first=yes")

@@ -24,6 +24,10 @@ def float_model(card: str, shared: Path, work: Path) -> Path:
 
 
 def _parse_like(default, v: str):
+    if isinstance(default, bool):  # bool("0") is True
+        if v.lower() not in ("0", "1", "true", "false"):
+            raise ValueError(f"expected 0/1 or true/false, got {v!r}")
+        return v.lower() in ("1", "true")
     if isinstance(default, tuple):
         return tuple(type(default[0])(x) for x in v.split(","))
     if default is None:  # target_bits, recon_images (numbers) or weight_rounding (a word)
