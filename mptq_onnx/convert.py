@@ -53,7 +53,7 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         require_torch(device=cfg.device)
         tail.append(KeepFloat())  # before GPTQ moves the weights onto their grids
         if cfg.recon_float_first:  # I&S-ViT's first stage on this recipe's activation quantizers
-            tail.append(Reconstruct("recon-float", float_weights=True, quant_inputs=False, weights_unquantized=True))
+            tail.append(Reconstruct("recon-float", float_weights=True, quant_inputs=False))
     if cfg.rounding() == "gptq":
         if not any(isinstance(p, OptM) for p in body):
             raise MptqError(f"--weight-rounding gptq needs a recipe that runs opt-m, not {cfg.recipe!r}")

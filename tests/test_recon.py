@@ -312,15 +312,22 @@ def test_ias_with_reconstruct_is_an_error_not_a_silent_no_op():
     assert names == ["canonicalize", "calibrate", "ias-act", "keep-float", "ias-stage1", "ias-fold", "qdq"]
 
 
-def test_recon_float_first_trains_float_weights_before_rounding():
+def test_recon_float_first_trains_float_weights_before_rounding(planned):
     """recon_float_first: a float-weight stage (I&S-ViT's first) between keep-float and GPTQ
-    rounding; the float target is kept before it. Tools parse the flag as 0/1."""
-    names = [p.name for p in recipe_passes(QuantConfig(recipe="mptq", reconstruct=True, recon_float_first=True,
-                                                       progress=False))]
-    assert names[-5:] == ["keep-float", "recon-float", "rounding", "reconstruct", "qdq"]
-    stage = [p for p in recipe_passes(QuantConfig(recipe="mptq", reconstruct=True, recon_float_first=True,
-                                                  progress=False)) if p.name == "recon-float"][0]
-    assert stage.float_weights and stage.weights_unquantized and not stage.quant_inputs
+    rounding; the float target is kept before it, and that stage trains every weight in float
+    though the plan has weight quantizers. Tools parse the flag as 0/1."""
+    from mptq_onnx.recon import build_segments
+    float_model, info, plan, _, _ = planned
+    weights = {p.site.weight for p in plan.values() if p.weight is not None}
+    inputs = {n.name: list(n.input) for n in float_model.graph.node}
+    for float_weights in (False, True):
+        segs = build_segments(float_model, info, plan, float_weights=float_weights)
+        hooked = {inputs[node][i] for _, seg in segs for node, i in seg.hooks}  # tensors fake-quantized
+        assert bool(weights & hooked) is not float_weights  # weight quantizers only when not float
+    passes = recipe_passes(QuantConfig(recipe="mptq", reconstruct=True, recon_float_first=True, progress=False))
+    assert [p.name for p in passes][-5:] == ["keep-float", "recon-float", "rounding", "reconstruct", "qdq"]
+    stage = next(p for p in passes if p.name == "recon-float")
+    assert stage.float_weights and not stage.quant_inputs
     from tools.specs import quant_config
     assert quant_config("mptq:3:recon:recon_float_first=1")[0].recon_float_first is True
     assert quant_config("mptq:3:recon:recon_float_first=0")[0].recon_float_first is False

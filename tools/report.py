@@ -22,12 +22,13 @@ from tools.table import label, order  # noqa: E402
 
 RUNS = REPO / "docs" / "runs"
 RESULTS_MD, README, PLOT = REPO / "docs" / "results.md", REPO / "README.md", REPO / "docs" / "results.png"
+RECON = "recon_images=512:recon_scale_lr=3e-3"  # the CLI's reconstruction defaults, as the run files spell them
 SUMMARY = ["float", "ort:8:MinMax", "ort:4:MinMax", "uniform:8", "mptq:6", "mptq-mp:5", "uniform:4", "mptq:4",
-           "mptq:4:recon:recon_images=512:recon_scale_lr=3e-3", "ias:4:recon_images=512:recon_scale_lr=3e-3"]
+           f"mptq:4:recon:{RECON}", f"ias:4:{RECON}"]
 MARK = {"results": ("<!-- results:begin (tools/report.py) -->", "<!-- results:end -->"),
         "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->"),
         "ablation": ("<!-- ablation:begin (tools/report.py) -->", "<!-- ablation:end -->")}
-_IAS = "ias:{b}:recon_images=512:recon_scale_lr=3e-3"
+_IAS = "ias:{b}:" + RECON
 ABLATION_ONLY = ("ias_stages=", "softmax_quantizer=")  # modifiers of rows the plot leaves out
 # issue 15's ablation, each step against the row above it (a missing row is skipped)
 ABLATION = [("uniform (MSE clipping)", "uniform:{b}"),
@@ -36,7 +37,7 @@ ABLATION = [("uniform (MSE clipping)", "uniform:{b}"),
             ("+ stage 2: channel-wise scales folded to layer-wise (weights still float)", _IAS + ":ias_stages=2"),
             ("+ stage 3: weights quantized, reconstructed (= `ias`)", _IAS),
             ("`mptq`", "mptq:{b}"),
-            ("`mptq` + reconstruction", "mptq:{b}:recon:recon_images=512:recon_scale_lr=3e-3")]
+            ("`mptq` + reconstruction", "mptq:{b}:recon:" + RECON)]
 
 
 def load(paths) -> dict[str, list[dict]]:
@@ -185,10 +186,12 @@ def main(argv=None) -> int:
     if not cards:
         raise SystemExit("no run files")
     stale = []
-    for path, which, block in [(RESULTS_MD, "results", results_block(cards)), (RESULTS_MD, "ablation", ablation_table(cards)),
-                               (README, "summary", summary_table(cards))]:
-        old = path.read_text()
-        new = splice(old, which, block)
+    blocks = {RESULTS_MD: [("results", results_block(cards)), ("ablation", ablation_table(cards))],
+              README: [("summary", summary_table(cards))]}
+    for path, parts in blocks.items():
+        old = new = path.read_text()
+        for which, block in parts:
+            new = splice(new, which, block)
         if new != old:
             stale.append(path)
             if not a.check:

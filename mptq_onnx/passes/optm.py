@@ -102,9 +102,8 @@ class SiteData:
 
 
 def opt_weight(ctx: Context, site, data: SiteData | None, bits: int) -> Quantizer:
-    w = ctx.weight(site.weight)
     if data is None or data.x is None:
-        return search_weight(w, site.w_out_axis, bits, method="opt-m")
+        return search_weight(ctx.weight(site.weight), site.w_out_axis, bits, method="opt-m")
     w_io = data.w  # read from the graph once
     if len(data.x_all) < w_io.shape[0]:  # fewer tokens than input channels: X is the thinner factor
         q = search_weight(w_io, 1, bits, rows=data.x_all, method="opt-m")  # over [in, out]

@@ -9,7 +9,6 @@ at blocks whose weights were already rounded or trained.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tempfile
 
 import numpy as np
@@ -47,12 +46,10 @@ class Reconstruct(Pass):
     (I&S-ViT's first stage sets float_weights=True, quant_inputs=False)."""
     name = "reconstruct"
 
-    def __init__(self, name: str = "reconstruct", float_weights: bool = False, quant_inputs: bool = True,
-                 weights_unquantized: bool = False):
+    def __init__(self, name: str = "reconstruct", float_weights: bool = False, quant_inputs: bool = True):
         self.name = name
         self.float_weights = float_weights
         self.quant_inputs = quant_inputs
-        self.weights_unquantized = weights_unquantized  # train as if the plan had no weight quantizers
 
     def __call__(self, ctx: Context) -> PassResult:
         cfg = ctx.config
@@ -63,10 +60,7 @@ class Reconstruct(Pass):
                            quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr)
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
-            plan = ctx.plan
-            if self.weights_unquantized:
-                plan = {n: dataclasses.replace(p, weight=None) for n, p in plan.items()}
-            new, rows, acts = reconstruct(ctx.model, ctx.info, plan, images, st, ctx.teacher)
+            new, rows, acts = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher)
         except NotImplementedError as e:
             raise MptqError(f"{self.name}: {e}") from None
         changed = set(new)

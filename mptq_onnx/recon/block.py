@@ -36,8 +36,8 @@ class ReconSettings:
     # torch threads while training: on the shared 2-core machine (load ~36) one thread ran a deit
     # block iteration (batch 32) in 1.2 s wall / 0.4 s CPU, two threads in 9.5 s / 3.1 s
     threads: int | None = 1
-    # I&S-ViT's first stage: train the weights that stay float too (activations quantized only),
-    # on the float model's block inputs rather than the quantized model's
+    # I&S-ViT's first stage: train every planned weight in float, through no weight quantizer
+    # even where the plan has one (activations quantized only)
     float_weights: bool = False
     quant_inputs: bool = True
     drop: float = 0.0         # QDrop probability while training (see _ActHook)
@@ -136,8 +136,8 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
                    float_weights: bool = False, specs: list[SegmentSpec] | None = None,
                    learn_scales: bool = False):
     """(spec, torch Segment) per segment, with the plan's fake quantizers hooked in and the
-    weights and biases of its weight-quantized sites (of every planned site with a weight, if
-    `float_weights`) as parameters. `specs`: cut at these segments' boundaries (by tensor name).
+    weights and biases of its weight-quantized sites as parameters (`float_weights`: of every planned
+    site with a weight, trained in float: the plan's weight quantizers are left out). `specs`: cut at these segments' boundaries (by tensor name).
     `learn_scales`: uniform and region activation quantizers are LearnedScale objects; each
     segment's `learned` lists (site name, input index, LearnedScale) for its nodes."""
     consts = _const_tensors(model.graph)
@@ -157,7 +157,7 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
                 else:
                     fq = fake_quantizer(q, device)
                 hooks[(s.node, list(node.input).index(a.tensor))] = _ActHook(fq)
-        if p.weight is not None:
+        if p.weight is not None and not float_weights:
             hooks[(s.node, list(node.input).index(s.weight))] = fake_quantizer(p.weight, device)
         if p.weight is not None or (float_weights and s.weight):
             trainable += [s.weight] + ([s.bias] if s.bias else [])
