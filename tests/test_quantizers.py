@@ -146,7 +146,7 @@ def test_search_weight_rows_equal_hessian():
 def test_inv_chol_upper_is_cholesky_of_inverse():
     from mptq_onnx.quantizers import inv_chol_upper
     rng = np.random.default_rng(0)
-    for n in (5, 300, 700):  # 300, 700: the blocked triangular inverse
+    for n in (5, 300, 700, 1001):  # from 300: the blocked in-place factor and inverse, odd splits too
         x = rng.standard_normal((n + 50, n))
         h = x.T @ x + np.eye(n)
         u = inv_chol_upper(h)
