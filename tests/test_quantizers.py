@@ -143,15 +143,19 @@ def test_search_weight_rows_equal_hessian():
     assert err(q_x) <= err(search_weight(w, 1, 4)) + 1e-6  # output-aware beats weight-MSE on the output
 
 
-def test_inv_chol_upper_is_cholesky_of_inverse():
-    from mptq_onnx.quantizers import inv_chol_upper
+def test_chol_inv_lower_is_the_inverse_cholesky_factor():
+    from mptq_onnx.quantizers import chol_inv_lower
     rng = np.random.default_rng(0)
     for n in (5, 300, 700, 1001):  # from 300: the blocked in-place factor and inverse, odd splits too
         x = rng.standard_normal((n + 50, n))
         h = x.T @ x + np.eye(n)
-        u = inv_chol_upper(h)
-        np.testing.assert_array_equal(u, np.triu(u))
-        np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-7, atol=1e-10)
+        m = chol_inv_lower(h)
+        np.testing.assert_array_equal(m, np.tril(m))
+        np.testing.assert_allclose(m.T @ m, np.linalg.inv(h), rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(m, np.linalg.inv(np.linalg.cholesky(h)), rtol=1e-7, atol=1e-10)
+        h0 = h.copy()
+        assert chol_inv_lower(h) is not h and np.array_equal(h, h0)  # the input kept unless asked
+        assert chol_inv_lower(h, overwrite_a=True) is h
 
 
 def test_gptq_round_stays_on_grid_and_lowers_output_error():
