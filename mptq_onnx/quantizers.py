@@ -436,10 +436,14 @@ def gptq_round(w_io: np.ndarray, q: Quantizer, h: np.ndarray, damp: float = GPTQ
     del hr
     w = np.array(w_io[perm], np.float32)                 # [in, out], rows contiguous
     out = np.empty_like(w)
+    # scratch for the two updates' products: fresh temporaries of a MiB and more were each a new
+    # mapping, faulted in page by page (see calibrate.map_large_allocations)
+    tmp = np.empty((block, n_out), np.float32)
+    far = np.empty((max(n_in - block, 0), n_out), np.float32)
+    err = np.empty((block, n_out), np.float32)
     for a in range(0, n_in, block):
         b = min(a + block, n_in)
         wb = w[a:b]                                      # a view: updated in place
-        err = np.empty_like(wb)
         for i in range(b - a):
             row = wb[i]
             qr = np.rint(row * inv_s)
@@ -453,10 +457,13 @@ def gptq_round(w_io: np.ndarray, q: Quantizer, h: np.ndarray, damp: float = GPTQ
             e = err[i]
             np.subtract(row, qr, out=e)
             e /= u[a + i, a + i]
-            if i + 1 < b - a:
-                wb[i + 1:] -= u[a + i, a + i + 1:b, None] * e
+            m = b - a - i - 1
+            if m:
+                np.multiply(u[a + i, a + i + 1:b, None], e, out=tmp[:m])
+                wb[i + 1:] -= tmp[:m]
         if b < n_in:
-            w[b:] -= u[a:b, b:].T @ err
+            np.matmul(u[a:b, b:].T, err[:b - a], out=far[:n_in - b])
+            w[b:] -= far[:n_in - b]
     res = np.empty_like(out)
     res[perm] = out
     return res
