@@ -227,8 +227,10 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
     out_name = model.graph.output[0].name
     in_name = image_input(model).name
     lean, external = lean_copy(model, names, weights)
-    # no arena: it keeps its largest size (all the outputs of a batch) for the session's life
-    sess = session(lean, external=external, arena=False)
+    # the arena keeps its largest size (a batch's outputs and intermediates) for the session's
+    # life, but without it every tensor of every run is a fresh mapping faulted in page by page:
+    # vit_base's 64 runs took 3.5-4 s longer (docs/scale.md, fifth round)
+    sess = session(lean, external=external)
     del lean, external
     if weights is not None:
         weights.clear()  # onnxruntime has its copy
