@@ -333,3 +333,32 @@ def test_recon_float_first_trains_float_weights_before_rounding(planned):
     assert quant_config("mptq:3:recon:recon_float_first=0")[0].recon_float_first is False
     with pytest.raises(ValueError):
         quant_config("mptq:3:recon:recon_float_first=yes")
+
+
+def test_fisher_weights_follow_the_gradient_and_train(planned):
+    """BRECQ's diagonal Fisher: after the last block only the class token reaches the head, so
+    its patch tokens weigh 0; each tensor's weights average 1; a short run lowers the weighted loss."""
+    from mptq_onnx.recon import ReconSettings, build_segments, reconstruct
+    from mptq_onnx.recon.block import fisher_weights
+    float_model, info, plan, _, imgs = planned
+    import dataclasses
+    segs = build_segments(float_model, info, {n: dataclasses.replace(p, weight=None, acts=[]) for n, p in plan.items()})
+    for _, s in segs:
+        s.requires_grad_(False)
+    x = torch.from_numpy(np.ascontiguousarray(imgs, np.float32))
+    w = fisher_weights([sp for sp, _ in segs], [s for _, s in segs], x, float_model.graph.output[0].name, 8, "cpu")
+    last = next(sp for sp, _ in segs if sp.name == "blocks.11").outputs[0]
+    first = next(sp for sp, _ in segs if sp.name == "blocks.0").outputs[0]
+    assert w[last].shape[:2] == (len(imgs), w[last].shape[1]) and w[last].shape[1] > 1
+    assert float(w[last][:, 1:].abs().max()) == 0.0 and float(w[last][:, 0].min()) > 0
+    assert float(w[first][:, 1:].mean()) > 0  # earlier, attention spreads it over every token
+    for t in w.values():
+        assert abs(float(t.mean()) - 1.0) < 1e-4
+    st = ReconSettings(iters=8, batch=8, lr=1e-4, loss="fisher")
+    new, rows, _ = reconstruct(float_model, info, plan, imgs, st)
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_after"] < b0["loss_before"]
+    again, _, _ = reconstruct(float_model, info, plan, imgs, st)
+    assert all(np.array_equal(new[k], again[k]) for k in new)
+    mse, _, _ = reconstruct(float_model, info, plan, imgs, ReconSettings(iters=8, batch=8, lr=1e-4))
+    assert any(not np.array_equal(new[k], mse[k]) for k in new)

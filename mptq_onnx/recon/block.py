@@ -44,6 +44,10 @@ class ReconSettings:
     # train the scales of uniform and region activation quantizers too (LSQ), at this learning
     # rate on their logarithms; 0 keeps them frozen
     scale_lr: float = 0.0
+    # "mse": every element of a block's output counts alike; "fisher": each weighted by the squared
+    # gradient of the float model's cross-entropy (on its own top-1) at that element, per image
+    # (BRECQ's diagonal Fisher), scaled to mean 1 per tensor
+    loss: str = "mse"
 
 
 @dataclasses.dataclass
@@ -192,13 +196,50 @@ def _batched(seg: Segment, xs: list[torch.Tensor], quant: bool, bs: int, device:
     return [torch.cat([o[k] for o in outs]) for k in range(len(seg.outputs))]
 
 
-def _mse(ys, ts) -> torch.Tensor:
-    return sum(torch.mean((y - t) ** 2) for y, t in zip(ys, ts))
+def _mse(ys, ts, ws=None) -> torch.Tensor:
+    if ws is None:
+        return sum(torch.mean((y - t) ** 2) for y, t in zip(ys, ts))
+    return sum(torch.mean(w * (y - t) ** 2) for y, t, w in zip(ys, ts, ws))
 
 
-def _loss(seg, xs, ts, bs, device) -> float:
+def _loss(seg, xs, ts, bs, device, ws=None) -> float:
     ys = _batched(seg, xs, True, bs, device)
-    return float(_mse(ys, ts))
+    return float(_mse(ys, ts, ws))
+
+
+def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out_name: str,
+                   bs: int, device: str) -> dict[str, torch.Tensor]:
+    """Per segment-boundary tensor, the squared gradient of the float model's cross-entropy against
+    its own top-1 class, per image and element, scaled to mean 1 (a tensor without gradient, e.g.
+    an unused output, weighs 1 everywhere). Where the output does not depend on an element (patch
+    tokens after the last block of a class-token ViT), its weight is 0."""
+    names = list(dict.fromkeys(t for sp in specs for t in sp.outputs if t != out_name))
+    parts: dict[str, list[torch.Tensor]] = {t: [] for t in names}
+    for i in range(0, len(x0), bs):
+        env = {specs[0].inputs[0]: x0[i:i + bs].to(device).requires_grad_(True)}  # the graph to differentiate
+        keep: dict[str, torch.Tensor] = {}
+        for sp, ts in zip(specs, t_segs):
+            ys = ts(*[env[t] for t in sp.inputs], quant=False)
+            env = dict(zip(sp.outputs, ys))
+            for t, y in env.items():
+                if t in parts and t not in keep and y.is_floating_point():
+                    keep[t] = y
+        logits = env[out_name]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(len(logits), -1),
+                                                 logits.detach().reshape(len(logits), -1).argmax(1),
+                                                 reduction="sum")  # per image: no 1/batch
+        ts_ = [t for t in names if t in keep and keep[t].requires_grad]
+        grads = torch.autograd.grad(loss, [keep[t] for t in ts_], allow_unused=True)
+        for t in names:
+            g = dict(zip(ts_, grads)).get(t)
+            parts[t].append(None if g is None else (g.detach() ** 2).cpu())
+    out = {}
+    for t, ps in parts.items():
+        if any(p is None for p in ps):
+            continue
+        w = torch.cat(ps)
+        out[t] = w / w.mean().clamp_min(1e-30)
+    return out
 
 
 def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.ndarray,
@@ -231,6 +272,16 @@ def _reconstruct(model, info, plan, images, settings, teacher):
     else:
         t_segs = [seg for _, seg in segs]
     x0 = torch.from_numpy(np.ascontiguousarray(images[:len(images)], np.float32))  # streamed images: one read
+    out_name = model.graph.output[0].name
+    fisher = None
+    if settings.loss == "fisher":
+        for ts in t_segs:
+            ts.requires_grad_(False)  # gradients of the activations only
+        fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev)
+        for ts in t_segs:
+            ts.requires_grad_(True)
+    elif settings.loss != "mse":
+        raise ValueError(f"unknown reconstruction loss {settings.loss!r}")
     f_env = {segs[0][0].inputs[0]: x0}
     q_env = dict(f_env)
     n = len(x0)
@@ -245,9 +296,11 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             if not t.is_floating_point() or len(t) != n:
                 raise NotImplementedError(f"segment {sp.name}: input {t} is not a batch of activations")
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
+        # the logits themselves: KL-like weights would only rescale; an output without weights: 1
+        ws = None if fisher is None else [fisher.get(t) if t in fisher else torch.ones(()) for t in sp.outputs]
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
-            before = _loss(seg, qx, targets, settings.eval_batch, dev)
+            before = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
             start = [p.detach().clone() for p in seg.weights]
             start_scales = [fq.state() for _, _, fq in seg.learned]
             acts = [h for h in seg.hooks.values() if isinstance(h, _ActHook)]
@@ -266,7 +319,8 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             for _ in bar:
                 idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
                 ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
-                loss = _mse(ys, [t[idx].to(dev) for t in targets])
+                loss = _mse(ys, [t[idx].to(dev) for t in targets],
+                            None if ws is None else [w[idx].to(dev) if w.ndim else w.to(dev) for w in ws])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -275,7 +329,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             bar.close()
             for h in acts:
                 h.drop, h.gen = 0.0, None
-            after = _loss(seg, qx, targets, settings.eval_batch, dev)
+            after = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
             row.update(loss_before=before, loss_after=after)
             if not after < before:  # training made this block worse: keep its weights as they were
                 with torch.no_grad():
