@@ -12,6 +12,7 @@ model's activations (MSE). The float model is `teacher` where passes before chan
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from ..analyze import GraphInfo
+from ..modelio import Spill
 from .fakequant import LEARNABLE, LearnedScale, fake_quantizer
 from .interp import Segment
 
@@ -207,14 +209,45 @@ def _loss(seg, xs, ts, bs, device, ws=None) -> float:
     return float(_mse(ys, ts, ws))
 
 
+class FisherWeights:
+    """Squared gradients per segment-boundary tensor, kept in a temporary file until asked for:
+    every block output of the training images at once would be 4 GB on vit_base (512 images)."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="mptq_fisher_")
+        self._spill = Spill(self._file)
+        self._parts: dict[str, int] = {}
+        self._none: set[str] = set()
+
+    def add(self, name: str, g2: torch.Tensor | None) -> None:
+        if g2 is None:  # the output does not depend on it (in this batch): weight 1, as unknown
+            self._none.add(name)
+            return
+        a = g2.detach().cpu().numpy()
+        k = self._parts.get(name, 0)
+        self._spill.put(f"{name}\0{k}", a)
+        self._parts[name] = k + 1
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parts and name not in self._none
+
+    def get(self, name: str) -> torch.Tensor:
+        """The weights of `name` for every image, scaled to mean 1."""
+        w = torch.from_numpy(np.concatenate([self._spill.array(f"{name}\0{k}") for k in range(self._parts[name])]))
+        return w / w.mean().clamp_min(1e-30)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out_name: str,
-                   bs: int, device: str) -> dict[str, torch.Tensor]:
+                   bs: int, device: str) -> FisherWeights:
     """Per segment-boundary tensor, the squared gradient of the float model's cross-entropy against
     its own top-1 class, per image and element, scaled to mean 1 (a tensor without gradient, e.g.
     an unused output, weighs 1 everywhere). Where the output does not depend on an element (patch
     tokens after the last block of a class-token ViT), its weight is 0."""
     names = list(dict.fromkeys(t for sp in specs for t in sp.outputs if t != out_name))
-    parts: dict[str, list[torch.Tensor]] = {t: [] for t in names}
+    out = FisherWeights()
     for i in range(0, len(x0), bs):
         env = {specs[0].inputs[0]: x0[i:i + bs].to(device).requires_grad_(True)}  # the graph to differentiate
         keep: dict[str, torch.Tensor] = {}
@@ -222,23 +255,17 @@ def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out
             ys = ts(*[env[t] for t in sp.inputs], quant=False)
             env = dict(zip(sp.outputs, ys))
             for t, y in env.items():
-                if t in parts and t not in keep and y.is_floating_point():
+                if t in names and t not in keep and y.is_floating_point():
                     keep[t] = y
         logits = env[out_name]
         loss = torch.nn.functional.cross_entropy(logits.reshape(len(logits), -1),
                                                  logits.detach().reshape(len(logits), -1).argmax(1),
                                                  reduction="sum")  # per image: no 1/batch
         ts_ = [t for t in names if t in keep and keep[t].requires_grad]
-        grads = torch.autograd.grad(loss, [keep[t] for t in ts_], allow_unused=True)
+        grads = dict(zip(ts_, torch.autograd.grad(loss, [keep[t] for t in ts_], allow_unused=True)))
         for t in names:
-            g = dict(zip(ts_, grads)).get(t)
-            parts[t].append(None if g is None else (g.detach() ** 2).cpu())
-    out = {}
-    for t, ps in parts.items():
-        if any(p is None for p in ps):
-            continue
-        w = torch.cat(ps)
-        out[t] = w / w.mean().clamp_min(1e-30)
+            g = grads.get(t)
+            out.add(t, None if g is None else g.detach() ** 2)
     return out
 
 
@@ -298,6 +325,8 @@ def _reconstruct(model, info, plan, images, settings, teacher):
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
         # the logits themselves: KL-like weights would only rescale; an output without weights: 1
         ws = None if fisher is None else [fisher.get(t) if t in fisher else torch.ones(()) for t in sp.outputs]
+        if k == len(segs) - 1 and fisher is not None:
+            fisher.close()
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
             before = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
