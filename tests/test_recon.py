@@ -195,6 +195,7 @@ def test_cli_convert_with_reconstruct(embedded_onnx, tmp_path):
     rep = json.loads(out.with_suffix(".report.json").read_text())
     rows = rep["reconstruct"]["reconstruct"]
     assert len(rows) == 14 and all("loss_after" in r for r in rows)
+    assert rep["reconstruct_loss"] == {"reconstruct": "fisher"}  # --reconstruct's default
     assert any(p["pass"] == "reconstruct" for p in rep["passes"])
     # a block whose loss training did not lower keeps its weights (and no "recon" in its methods)
     weighted = [r for r in rep["layers"] if r["w_bits"]]
@@ -272,6 +273,7 @@ def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
     assert [p["pass"] for p in rep["passes"]][2:] == ["ias-act", "keep-float", "ias-stage1", "ias-fold",
                                                      "ias-weights", "ias-stage3", "qdq"]
     assert rep["config"]["recon_images"] == 12
+    assert rep["reconstruct_loss"] == {"ias-stage1": "mse", "ias-stage3": "mse"}  # I&S-ViT's own loss
     for stage in ("ias-stage1", "ias-stage3"):
         assert len(rep["reconstruct"][stage]) == 14
         assert all(r.get("images") == 12 for r in rep["reconstruct"][stage])  # trained on --recon-images
