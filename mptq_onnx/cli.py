@@ -83,7 +83,7 @@ def _config(a):
                       image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
                       reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device,
                       recon_images=a.recon_images, recon_lr=a.recon_lr, recon_scale_lr=a.recon_scale_lr,
-                      softmax_quantizer=a.softmax_quantizer)
+                      recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -200,6 +200,10 @@ def _add_quant_args(p):
     p.add_argument("--recon-scale-lr", type=float, default=3e-3,
                    help="--reconstruct and --recipe ias: learning rate of the activation quantizers' scales "
                         "(uniform and region, trained with the weights, LSQ); 0 keeps them as calibrated (default 3e-3)")
+    p.add_argument("--recon-loss", choices=("mse", "fisher"), default=None,
+                   help="--reconstruct and --recipe ias: a block's output error, plain (mse) or each element "
+                        "weighted by the float model's squared gradient there (fisher, BRECQ's diagonal Fisher); "
+                        "default fisher with --reconstruct, mse in --recipe ias (as I&S-ViT)")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "
                         f"{RECON_IMAGES_DEFAULT}, or all it holds; the searches keep --calib-size)")

@@ -71,3 +71,16 @@ def test_report_keeps_a_configs_later_row(tmp_path):
     cards = load([tmp_path / "a.json", tmp_path / "b.json"])
     assert [r["config"] for r in cards["c"]] == ["float", "mptq:4"]
     assert "| mptq-onnx mptq W4A4 | 0.4000 (80.0%) | 1.0 | 5 |" in summary_table(cards)
+
+
+def test_convert_defaults_are_the_library_defaults():
+    """The CLI's defaults for what QuantConfig also defaults: the same values (they drift apart
+    silently otherwise). recon_images differs on purpose: the library trains on what it is given."""
+    import dataclasses
+
+    from mptq_onnx.cli import _config, build_parser
+    from mptq_onnx.plan import QuantConfig
+    cfg = _config(build_parser().parse_args(["convert", "m.onnx", "--calib", "x"]))
+    lib = QuantConfig()
+    differ = {f.name for f in dataclasses.fields(QuantConfig) if getattr(cfg, f.name) != getattr(lib, f.name)}
+    assert differ <= {"recon_images"}, differ

@@ -2,6 +2,7 @@
 on the QDQ model, a short reconstruction lowers a block's loss, the CLI end to end, and the
 one-line error without torch."""
 import copy
+import dataclasses
 import json
 import sys
 
@@ -194,6 +195,7 @@ def test_cli_convert_with_reconstruct(embedded_onnx, tmp_path):
     rep = json.loads(out.with_suffix(".report.json").read_text())
     rows = rep["reconstruct"]["reconstruct"]
     assert len(rows) == 14 and all("loss_after" in r for r in rows)
+    assert rep["reconstruct_loss"] == {"reconstruct": "fisher"}  # --reconstruct's default
     assert any(p["pass"] == "reconstruct" for p in rep["passes"])
     # a block whose loss training did not lower keeps its weights (and no "recon" in its methods)
     weighted = [r for r in rep["layers"] if r["w_bits"]]
@@ -271,6 +273,7 @@ def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
     assert [p["pass"] for p in rep["passes"]][2:] == ["ias-act", "keep-float", "ias-stage1", "ias-fold",
                                                      "ias-weights", "ias-stage3", "qdq"]
     assert rep["config"]["recon_images"] == 12
+    assert rep["reconstruct_loss"] == {"ias-stage1": "mse", "ias-stage3": "mse"}  # I&S-ViT's own loss
     for stage in ("ias-stage1", "ias-stage3"):
         assert len(rep["reconstruct"][stage]) == 14
         assert all(r.get("images") == 12 for r in rep["reconstruct"][stage])  # trained on --recon-images
@@ -333,3 +336,32 @@ def test_recon_float_first_trains_float_weights_before_rounding(planned):
     assert quant_config("mptq:3:recon:recon_float_first=0")[0].recon_float_first is False
     with pytest.raises(ValueError):
         quant_config("mptq:3:recon:recon_float_first=yes")
+
+
+def test_fisher_weights_follow_the_gradient_and_train(planned):
+    """BRECQ's diagonal Fisher: after the last block only the class token reaches the head, so
+    its patch tokens weigh 0; each tensor's weights average 1; a short run lowers the weighted loss."""
+    from mptq_onnx.recon import ReconSettings, build_segments, reconstruct
+    from mptq_onnx.recon.block import fisher_weights
+    float_model, info, plan, _, imgs = planned
+    segs = build_segments(float_model, info, {n: dataclasses.replace(p, weight=None, acts=[]) for n, p in plan.items()})
+    for _, s in segs:
+        s.requires_grad_(False)
+    x = torch.from_numpy(np.ascontiguousarray(imgs, np.float32))
+    fw = fisher_weights([sp for sp, _ in segs], [s for _, s in segs], x, float_model.graph.output[0].name, 8, "cpu")
+    names = [sp.outputs[0] for sp, _ in segs[:-1]]
+    assert all(t in fw for t in names)
+    w = {t: fw.get(t) for t in names}  # read back from the temporary file
+    fw.close()
+    last = next(sp for sp, _ in segs if sp.name == "blocks.11").outputs[0]
+    first = next(sp for sp, _ in segs if sp.name == "blocks.0").outputs[0]
+    assert w[last].shape[:2] == (len(imgs), w[last].shape[1]) and w[last].shape[1] > 1
+    assert float(w[last][:, 1:].abs().max()) == 0.0 and float(w[last][:, 0].min()) > 0
+    assert float(w[first][:, 1:].mean()) > 0  # earlier, attention spreads it over every token
+    for t in w.values():
+        assert abs(float(t.mean()) - 1.0) < 1e-4
+    st = ReconSettings(iters=8, batch=8, lr=1e-4, loss="fisher")
+    new, rows, _ = reconstruct(float_model, info, plan, imgs, st)
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_after"] < b0["loss_before"]
+    assert "blocks.0.attn.qkv.bias" in new

@@ -57,7 +57,8 @@ class Reconstruct(Pass):
         from ..recon import ReconSettings, reconstruct
         st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
-                           quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr)
+                           quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr,
+                           loss=cfg.recon_loss or ("mse" if cfg.recipe == "ias" else "fisher"))
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
             new, rows, acts = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher)
@@ -76,9 +77,10 @@ class Reconstruct(Pass):
         for (site, i), q in acts.items():  # trained activation scales: the QDQ pass emits these
             ctx.plan[site].acts[i] = q
         ctx.report.setdefault("reconstruct", {})[self.name] = rows
+        ctx.report.setdefault("reconstruct_loss", {})[self.name] = st.loss
         trained = [r for r in rows if "loss_after" in r]
         if not trained:
             return PassResult(ctx, False, "nothing to train")
         ratio = np.median([r["loss_after"] / max(r["loss_before"], 1e-30) for r in trained])
         return PassResult(ctx, True, f"{len(trained)} blocks x {cfg.recon_iters} iterations; "
-                                     f"block loss x{ratio:.2f} (median)")
+                                     f"block loss ({st.loss}) x{ratio:.2f} (median)")

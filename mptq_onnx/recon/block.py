@@ -12,6 +12,7 @@ model's activations (MSE). The float model is `teacher` where passes before chan
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from ..analyze import GraphInfo
+from ..modelio import Spill
 from .fakequant import LEARNABLE, LearnedScale, fake_quantizer
 from .interp import Segment
 
@@ -44,6 +46,10 @@ class ReconSettings:
     # train the scales of uniform and region activation quantizers too (LSQ), at this learning
     # rate on their logarithms; 0 keeps them frozen
     scale_lr: float = 0.0
+    # "mse": every element of a block's output counts alike; "fisher": each weighted by the squared
+    # gradient of the float model's cross-entropy (on its own top-1) at that element, per image
+    # (BRECQ's diagonal Fisher), scaled to mean 1 per tensor
+    loss: str = "mse"
 
 
 @dataclasses.dataclass
@@ -192,13 +198,75 @@ def _batched(seg: Segment, xs: list[torch.Tensor], quant: bool, bs: int, device:
     return [torch.cat([o[k] for o in outs]) for k in range(len(seg.outputs))]
 
 
-def _mse(ys, ts) -> torch.Tensor:
-    return sum(torch.mean((y - t) ** 2) for y, t in zip(ys, ts))
+def _mse(ys, ts, ws=None) -> torch.Tensor:
+    if ws is None:
+        return sum(torch.mean((y - t) ** 2) for y, t in zip(ys, ts))
+    return sum(torch.mean(w * (y - t) ** 2) for y, t, w in zip(ys, ts, ws))
 
 
-def _loss(seg, xs, ts, bs, device) -> float:
+def _loss(seg, xs, ts, bs, device, ws=None) -> float:
     ys = _batched(seg, xs, True, bs, device)
-    return float(_mse(ys, ts))
+    return float(_mse(ys, ts, ws))
+
+
+class FisherWeights:
+    """Squared gradients per segment-boundary tensor, kept in a temporary file until asked for:
+    every block output of the training images at once would be 4 GB on vit_base (512 images)."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="mptq_fisher_")
+        self._spill = Spill(self._file)
+        self._parts: dict[str, int] = {}
+        self._none: set[str] = set()
+
+    def add(self, name: str, g2: torch.Tensor | None) -> None:
+        if g2 is None:  # the output does not depend on it (in this batch): weight 1, as unknown
+            self._none.add(name)
+            return
+        a = g2.detach().cpu().numpy()
+        k = self._parts.get(name, 0)
+        self._spill.put(f"{name}\0{k}", a)
+        self._parts[name] = k + 1
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parts and name not in self._none
+
+    def get(self, name: str) -> torch.Tensor:
+        """The weights of `name` for every image, scaled to mean 1."""
+        w = torch.from_numpy(np.concatenate([self._spill.array(f"{name}\0{k}") for k in range(self._parts[name])]))
+        return w / w.mean().clamp_min(1e-30)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out_name: str,
+                   bs: int, device: str) -> FisherWeights:
+    """Per segment-boundary tensor, the squared gradient of the float model's cross-entropy against
+    its own top-1 class, per image and element, scaled to mean 1 (a tensor without gradient, e.g.
+    an unused output, weighs 1 everywhere). Where the output does not depend on an element (patch
+    tokens after the last block of a class-token ViT), its weight is 0."""
+    names = list(dict.fromkeys(t for sp in specs for t in sp.outputs if t != out_name))
+    out = FisherWeights()
+    for i in range(0, len(x0), bs):
+        env = {specs[0].inputs[0]: x0[i:i + bs].to(device).requires_grad_(True)}  # the graph to differentiate
+        keep: dict[str, torch.Tensor] = {}
+        for sp, ts in zip(specs, t_segs):
+            ys = ts(*[env[t] for t in sp.inputs], quant=False)
+            env = dict(zip(sp.outputs, ys))
+            for t, y in env.items():
+                if t in names and t not in keep and y.is_floating_point():
+                    keep[t] = y
+        logits = env[out_name]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(len(logits), -1),
+                                                 logits.detach().reshape(len(logits), -1).argmax(1),
+                                                 reduction="sum")  # per image: no 1/batch
+        ts_ = [t for t in names if t in keep and keep[t].requires_grad]
+        grads = dict(zip(ts_, torch.autograd.grad(loss, [keep[t] for t in ts_], allow_unused=True)))
+        for t in names:
+            g = grads.get(t)
+            out.add(t, None if g is None else g.detach() ** 2)
+    return out
 
 
 def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.ndarray,
@@ -231,6 +299,16 @@ def _reconstruct(model, info, plan, images, settings, teacher):
     else:
         t_segs = [seg for _, seg in segs]
     x0 = torch.from_numpy(np.ascontiguousarray(images[:len(images)], np.float32))  # streamed images: one read
+    out_name = model.graph.output[0].name
+    fisher = None
+    if settings.loss == "fisher":
+        for ts in t_segs:
+            ts.requires_grad_(False)  # gradients of the activations only
+        fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev)
+        for ts in t_segs:
+            ts.requires_grad_(True)
+    elif settings.loss != "mse":
+        raise ValueError(f"unknown reconstruction loss {settings.loss!r}")
     f_env = {segs[0][0].inputs[0]: x0}
     q_env = dict(f_env)
     n = len(x0)
@@ -245,9 +323,13 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             if not t.is_floating_point() or len(t) != n:
                 raise NotImplementedError(f"segment {sp.name}: input {t} is not a batch of activations")
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
+        # the logits themselves: KL-like weights would only rescale; an output without weights: 1
+        ws = None if fisher is None else [fisher.get(t) if t in fisher else torch.ones(()) for t in sp.outputs]
+        if k == len(segs) - 1 and fisher is not None:
+            fisher.close()
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
-            before = _loss(seg, qx, targets, settings.eval_batch, dev)
+            before = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
             start = [p.detach().clone() for p in seg.weights]
             start_scales = [fq.state() for _, _, fq in seg.learned]
             acts = [h for h in seg.hooks.values() if isinstance(h, _ActHook)]
@@ -266,7 +348,8 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             for _ in bar:
                 idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
                 ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
-                loss = _mse(ys, [t[idx].to(dev) for t in targets])
+                loss = _mse(ys, [t[idx].to(dev) for t in targets],
+                            None if ws is None else [w[idx].to(dev) if w.ndim else w.to(dev) for w in ws])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -275,7 +358,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             bar.close()
             for h in acts:
                 h.drop, h.gen = 0.0, None
-            after = _loss(seg, qx, targets, settings.eval_batch, dev)
+            after = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
             row.update(loss_before=before, loss_after=after)
             if not after < before:  # training made this block worse: keep its weights as they were
                 with torch.no_grad():
