@@ -189,13 +189,14 @@ def test_cli_convert_with_reconstruct(embedded_onnx, tmp_path):
     quantizers in torch and what training does with them are the tests above (planned)."""
     out = tmp_path / "q.onnx"
     rc = main(["convert", str(embedded_onnx), "--recipe", "uniform", "--wbits", "4", "--abits", "4",
-               "--reconstruct", "--iters", "5", "--recon-batch", "8", "--calib", str(embedded_calib_dir()),
+               "--reconstruct", "--iters", "5", "--recon-batch", "8", "--recon-loss", "fisher",
+               "--calib", str(embedded_calib_dir()),
                "--calib-size", "16", "-o", str(out), "-q"])
     assert rc == 0 and out.exists()
     rep = json.loads(out.with_suffix(".report.json").read_text())
     rows = rep["reconstruct"]["reconstruct"]
     assert len(rows) == 14 and all("loss_after" in r for r in rows)
-    assert rep["reconstruct_loss"] == {"reconstruct": "fisher"}  # --reconstruct's default
+    assert rep["reconstruct_loss"] == {"reconstruct": "fisher"}  # --recon-loss reaches the pass
     assert any(p["pass"] == "reconstruct" for p in rep["passes"])
     # a block whose loss training did not lower keeps its weights (and no "recon" in its methods)
     weighted = [r for r in rep["layers"] if r["w_bits"]]
@@ -273,7 +274,7 @@ def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
     assert [p["pass"] for p in rep["passes"]][2:] == ["ias-act", "keep-float", "ias-stage1", "ias-fold",
                                                      "ias-weights", "ias-stage3", "qdq"]
     assert rep["config"]["recon_images"] == 12
-    assert rep["reconstruct_loss"] == {"ias-stage1": "mse", "ias-stage3": "mse"}  # I&S-ViT's own loss
+    assert rep["reconstruct_loss"] == {"ias-stage1": "mse", "ias-stage3": "mse"}  # the default: I&S-ViT's own
     for stage in ("ias-stage1", "ias-stage3"):
         assert len(rep["reconstruct"][stage]) == 14
         assert all(r.get("images") == 12 for r in rep["reconstruct"][stage])  # trained on --recon-images

@@ -29,7 +29,7 @@ MARK = {"results": ("<!-- results:begin (tools/report.py) -->", "<!-- results:en
         "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->"),
         "ablation": ("<!-- ablation:begin (tools/report.py) -->", "<!-- ablation:end -->")}
 _IAS = "ias:{b}:" + RECON
-ABLATION_ONLY = ("ias_stages=", "softmax_quantizer=")  # modifiers of rows the plot leaves out
+ABLATION_ONLY = ("ias_stages=", "softmax_quantizer=", "recon_loss=", "recon_float_first=")  # rows the plot leaves out
 # issue 15's ablation, each step against the row above it (a missing row is skipped)
 ABLATION = [("uniform (MSE clipping)", "uniform:{b}"),
             ("+ SULQ on post-Softmax inputs", "uniform:{b}:softmax_quantizer=sulq"),
@@ -37,7 +37,9 @@ ABLATION = [("uniform (MSE clipping)", "uniform:{b}"),
             ("+ stage 2: channel-wise scales folded to layer-wise (weights still float)", _IAS + ":ias_stages=2"),
             ("+ stage 3: weights quantized, reconstructed (= `ias`)", _IAS),
             ("`mptq`", "mptq:{b}"),
-            ("`mptq` + reconstruction", "mptq:{b}:recon:" + RECON)]
+            ("`mptq` + reconstruction", "mptq:{b}:recon:" + RECON),
+            ("`mptq` + reconstruction, Fisher-weighted block loss (`--recon-loss fisher`)",
+             "mptq:{b}:recon:" + RECON + ":recon_loss=fisher")]
 
 
 def load(paths) -> dict[str, list[dict]]:
