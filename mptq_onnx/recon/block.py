@@ -6,7 +6,8 @@ lies where the fewest activations are alive, which is the residual stream betwee
 each segment in order, its weights and biases are trained (Adam, cosine lr, quantizers frozen,
 straight-through rounding) so that the fake-quantized segment, fed the quantized model's
 activations (earlier segments already reconstructed), matches the float segment fed the float
-model's activations (MSE). The float model is `teacher` where passes before changed the weights
+model's activations (MSE, or with `loss="fisher"` each element weighted by the float model's
+sensitivity to it: `fisher_weights`). The float model is `teacher` where passes before changed the weights
 (GPTQ rounding, I&S-ViT's first stage), else the graph itself with its quantizers off.
 """
 from __future__ import annotations
@@ -243,9 +244,10 @@ class FisherWeights:
 def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out_name: str,
                    bs: int, device: str) -> FisherWeights:
     """Per segment-boundary tensor, the squared gradient of the float model's cross-entropy against
-    its own top-1 class, per image and element, scaled to mean 1 (a tensor without gradient, e.g.
-    an unused output, weighs 1 everywhere). Where the output does not depend on an element (patch
-    tokens after the last block of a class-token ViT), its weight is 0."""
+    its own top-1 class, per image and element (`FisherWeights.get` scales each tensor to mean 1; a
+    tensor without gradient, e.g. an unused output, is left out and weighs 1). Where the output
+    does not depend on an element (patch tokens after the last block of a class-token ViT), its
+    weight is 0."""
     names = list(dict.fromkeys(t for sp in specs for t in sp.outputs if t != out_name))
     out = FisherWeights()
     for i in range(0, len(x0), bs):
@@ -323,7 +325,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
             if not t.is_floating_point() or len(t) != n:
                 raise NotImplementedError(f"segment {sp.name}: input {t} is not a batch of activations")
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
-        # the logits themselves: KL-like weights would only rescale; an output without weights: 1
+        # the logits (the last segment's output) and tensors without a gradient weigh 1
         ws = None if fisher is None else [fisher.get(t) if t in fisher else torch.ones(()) for t in sp.outputs]
         if k == len(segs) - 1 and fisher is not None:
             fisher.close()
