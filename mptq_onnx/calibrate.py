@@ -152,7 +152,7 @@ def with_session(owner, fn: Callable, outputs: list[str] = (), **kw):
 
 
 def session(model: onnx.ModelProto, threads: int | None = None,
-            external: dict[str, ort.OrtValue | np.ndarray] | None = None, arena: bool = True) -> ort.InferenceSession:
+            external: dict[str, ort.OrtValue | np.ndarray] | None = None) -> ort.InferenceSession:
     """`external`: values of initializers the model holds as external-data placeholders
     (see `external_placeholder`), handed to onnxruntime without serializing them; without it,
     the model's large initializers are handed over so (`lean_copy`). onnxruntime copies them into
@@ -161,7 +161,6 @@ def session(model: onnx.ModelProto, threads: int | None = None,
         model, external = lean_copy(model)
     so = session_options(threads)
     so.log_severity_level = 3
-    so.enable_cpu_mem_arena = arena
     names = sorted(external or {})
     values = [v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for v in
               (external[n] for n in names)]

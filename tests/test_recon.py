@@ -346,14 +346,13 @@ def test_fisher_weights_follow_the_gradient_and_train(planned):
     from mptq_onnx.recon.block import fisher_weights
     float_model, info, plan, _, imgs = planned
     segs = build_segments(float_model, info, {n: dataclasses.replace(p, weight=None, acts=[]) for n, p in plan.items()})
-    for _, s in segs:
-        s.requires_grad_(False)
     x = torch.from_numpy(np.ascontiguousarray(imgs, np.float32))
     fw = fisher_weights([sp for sp, _ in segs], [s for _, s in segs], x, float_model.graph.output[0].name, 8, "cpu")
     names = [sp.outputs[0] for sp, _ in segs[:-1]]
     assert all(t in fw for t in names)
     w = {t: fw.get(t) for t in names}  # read back from the temporary file
     fw.close()
+    assert all(p.requires_grad for _, s in segs for p in s.parameters())  # left trainable as they were
     last = next(sp for sp, _ in segs if sp.name == "blocks.11").outputs[0]
     first = next(sp for sp, _ in segs if sp.name == "blocks.0").outputs[0]
     assert w[last].shape[:2] == (len(imgs), w[last].shape[1]) and w[last].shape[1] > 1

@@ -249,25 +249,33 @@ def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out
     does not depend on an element (patch tokens after the last block of a class-token ViT), its
     weight is 0."""
     names = list(dict.fromkeys(t for sp in specs for t in sp.outputs if t != out_name))
+    params = [p for ts in t_segs for p in ts.parameters()]
+    trained = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)  # gradients of the activations only
     out = FisherWeights()
-    for i in range(0, len(x0), bs):
-        env = {specs[0].inputs[0]: x0[i:i + bs].to(device).requires_grad_(True)}  # the graph to differentiate
-        keep: dict[str, torch.Tensor] = {}
-        for sp, ts in zip(specs, t_segs):
-            ys = ts(*[env[t] for t in sp.inputs], quant=False)
-            env = dict(zip(sp.outputs, ys))
-            for t, y in env.items():
-                if t in names and t not in keep and y.is_floating_point():
-                    keep[t] = y
-        logits = env[out_name]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(len(logits), -1),
-                                                 logits.detach().reshape(len(logits), -1).argmax(1),
-                                                 reduction="sum")  # per image: no 1/batch
-        ts_ = [t for t in names if t in keep and keep[t].requires_grad]
-        grads = dict(zip(ts_, torch.autograd.grad(loss, [keep[t] for t in ts_], allow_unused=True)))
-        for t in names:
-            g = grads.get(t)
-            out.add(t, None if g is None else g.detach() ** 2)
+    try:
+        for i in range(0, len(x0), bs):
+            env = {specs[0].inputs[0]: x0[i:i + bs].to(device).requires_grad_(True)}  # the graph to differentiate
+            keep: dict[str, torch.Tensor] = {}
+            for sp, ts in zip(specs, t_segs):
+                ys = ts(*[env[t] for t in sp.inputs], quant=False)
+                env = dict(zip(sp.outputs, ys))
+                for t, y in env.items():
+                    if t in names and t not in keep and y.is_floating_point():
+                        keep[t] = y
+            logits = env[out_name]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(len(logits), -1),
+                                                     logits.detach().reshape(len(logits), -1).argmax(1),
+                                                     reduction="sum")  # per image: no 1/batch
+            ts_ = [t for t in names if t in keep and keep[t].requires_grad]
+            grads = dict(zip(ts_, torch.autograd.grad(loss, [keep[t] for t in ts_], allow_unused=True)))
+            for t in names:
+                g = grads.get(t)
+                out.add(t, None if g is None else g.detach() ** 2)
+    finally:
+        for p, r in zip(params, trained):
+            p.requires_grad_(r)
     return out
 
 
@@ -304,11 +312,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
     out_name = model.graph.output[0].name
     fisher = None
     if settings.loss == "fisher":
-        for ts in t_segs:
-            ts.requires_grad_(False)  # gradients of the activations only
         fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev)
-        for ts in t_segs:
-            ts.requires_grad_(True)
     elif settings.loss != "mse":
         raise ValueError(f"unknown reconstruction loss {settings.loss!r}")
     f_env = {segs[0][0].inputs[0]: x0}
@@ -327,8 +331,6 @@ def _reconstruct(model, info, plan, images, settings, teacher):
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
         # the logits (the last segment's output) and tensors without a gradient weigh 1
         ws = None if fisher is None else [fisher.get(t) if t in fisher else torch.ones(()) for t in sp.outputs]
-        if k == len(segs) - 1 and fisher is not None:
-            fisher.close()
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
             before = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
@@ -386,6 +388,8 @@ def _reconstruct(model, info, plan, images, settings, teacher):
         if settings.progress and "loss_after" in row:
             tqdm.write(f"recon {sp.name}: loss {row['loss_before']:.4g} -> {row['loss_after']:.4g} "
                        f"({row['seconds']:.1f}s)")
+    if fisher is not None:
+        fisher.close()
     return new, rows, new_acts
 
 
