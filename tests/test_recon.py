@@ -181,7 +181,24 @@ def test_short_reconstruction_lowers_the_loss_deterministically(planned):
     b0 = next(r for r in rows if r["segment"] == "blocks.0")
     assert b0["loss_after"] < b0["loss_before"]
     assert set(new) == set(again) and all(np.array_equal(new[k], again[k]) for k in new)
-    assert "blocks.0.attn.qkv.bias" in new and len(new) == 2 * 50  # weight and bias of every Linear/Conv
+    # Which blocks improve in 8 small steps depends on the CPU's float kernels (a block whose loss
+    # rose is reverted; ATEN_CPU_CAPABILITY=default reverts blocks.2 here), so assert the property:
+    # every segment trains its Linear/Conv weights and biases (2 x 50), and exactly those of the
+    # segments whose loss fell come back.
+    assert sum(r["params"] for r in rows) == 2 * 50
+    kept = [r for r in rows if "loss_after" in r and r.get("kept", True)]
+    assert kept and all(r["loss_after"] < r["loss_before"] for r in kept)
+    assert all(r["loss_after"] == r["loss_before"] for r in rows if r.get("kept", True) is False)
+    seg_of = {}  # initializer name -> the segment (block or lone site) that trains it
+    for s in info.sites:
+        for t in (s.weight, s.bias):
+            if t:
+                seg_of[t] = s.block or s.name
+    owner = {n: seg_of.get(n) for n in new}
+    assert None not in owner.values() and len(seg_of) == 2 * 50
+    for r in rows:
+        got = sum(1 for o in owner.values() if o == r["segment"])
+        assert got == (r["params"] if r in kept else 0), r
 
 
 def test_cli_convert_with_reconstruct(embedded_onnx, tmp_path):
