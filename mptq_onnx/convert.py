@@ -18,6 +18,7 @@ from .passes.canonicalize import Canonicalize
 from .passes.optm import OptM
 from .passes.sqb import SmoothQuantBias
 from .passes.greedy_mp import GreedyMP
+from .passes.pareto import ParetoMP
 from .passes.ias import IasActQuant, IasFold, IasWeights
 from .passes.qdq import WriteQDQ
 from .passes.reconstruct import KeepFloat, Reconstruct, require_torch
@@ -38,6 +39,10 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         body = [OptM()]
     elif cfg.recipe == "sqb":  # ablation: SQ-b, then the uniform MSE baseline
         body = [SmoothQuantBias(), UniformParams()]
+    elif cfg.recipe == "pmq":  # PMQ: its metric and frontier over the uniform quantizers
+        if cfg.target_bits is None:
+            raise MptqError("--recipe pmq allocates bit-widths: give --target-bits (e.g. 5)")
+        body = [UniformParams()]
     elif cfg.recipe == "ias":  # I&S-ViT: three stages, two of them reconstruction (passes/ias.py)
         require_torch("--recipe ias", cfg.device)
         if cfg.target_bits is not None:
@@ -46,7 +51,8 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
                 IasFold(), IasWeights(), Reconstruct("ias-stage3")][:{1: 3, 2: 4, 3: 6}[cfg.ias_stages]]
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
-    tail: list[Pass] = [GreedyMP()] if cfg.target_bits is not None else []
+    allocator = ParetoMP() if cfg.recipe == "pmq" or cfg.allocator == "pareto" else GreedyMP()
+    tail: list[Pass] = [allocator] if cfg.target_bits is not None else []
     if cfg.reconstruct and cfg.recipe == "ias":
         raise MptqError("--recipe ias reconstructs already (its stages 1 and 3); drop --reconstruct")
     if cfg.reconstruct:
@@ -63,7 +69,7 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     return head + body + tail + [WriteQDQ()]
 
 
-RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm", "ias")
+RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm", "ias", "pmq")
 
 
 def convert(model: onnx.ModelProto | str | os.PathLike, calib_images: np.ndarray, cfg: QuantConfig,

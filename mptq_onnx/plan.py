@@ -34,9 +34,17 @@ class QuantConfig:
     act_method: str = "mse"          # minmax | mse
     weight_method: str = "mse"       # minmax | mse
     target_bits: float | None = None  # Greedy MP average bit-width
-    # 3 is left out by default: at a 5-bit target, measuring sensitivities at 5 and 4 bits rather
-    # than 4 and 3 lowered the final KL on tin_calib (deit 0.0127 -> 0.0118, swin 0.0049 -> 0.0048)
-    mp_candidates: tuple[int, ...] = (8, 6, 5, 4)
+    # None: 8 6 5 4, and 3 too for targets below 5. 3 is left out at 5 and above: at a 5-bit target,
+    # Greedy MP measuring sensitivities at 5 and 4 bits rather than 4 and 3 lowered the final KL on
+    # tin_calib (deit 0.0127 -> 0.0118, swin 0.0049 -> 0.0048)
+    mp_candidates: tuple[int, ...] | None = None
+    allocator: str = "greedy"         # greedy (MPTQ-ViT's Greedy MP) | pareto (PMQ: passes/pareto.py)
+    pmq_masks: int = 32               # random configurations per image the PMQ metric scores
+    # quantizers switched on together in each: 1 ranked best against Greedy MP's measurements on
+    # the embedded model (Spearman 0.81 at 4 bits; 2 of 98: 0.69, 10 of 98: 0.26; tools/pmq_rank.py)
+    pmq_on: int = 1
+    pmq_probe_bits: int | None = None  # width the PMQ metric measures at (None: the lowest candidate)
+    pmq_measure_kl: bool = True       # measure the chosen allocation's KL (one evaluation, for the report)
     mp_images: int = 16               # calibration images Greedy MP scores configurations on
     sqb_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     row_budget: int = 4096            # token rows kept per Linear input for the searches
@@ -79,6 +87,13 @@ class QuantConfig:
     # 2 after the fold (weights float), 3 runs all of I&S-ViT
     ias_stages: int = 3
 
+    def candidates(self) -> tuple[int, ...]:
+        """The widths mixed precision chooses from (mp_candidates, else the default for the target)."""
+        if self.mp_candidates:
+            return tuple(self.mp_candidates)
+        low = self.target_bits is not None and self.target_bits < 5
+        return (8, 6, 5, 4, 3) if low else (8, 6, 5, 4)
+
     def rounding(self) -> str:
         """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
         return self.weight_rounding or ("gptq" if self.recipe == "mptq" else "nearest")
@@ -105,11 +120,15 @@ class QuantConfig:
                 raise MptqError(f"--{name} must be an integer from {lo} to {hi}, got {b}")
         if self.image_bits is not None and not (isinstance(self.image_bits, int) and lo <= self.image_bits <= hi):
             raise MptqError(f"--image-bits must be an integer from {lo} to {hi}, got {self.image_bits}")
-        for b in self.mp_candidates:
+        for b in self.candidates():
             if not lo <= b <= hi:
                 raise MptqError(f"bit-width candidates must lie in {lo}..{hi}, got {b}")
         if self.target_bits is not None and not lo <= self.target_bits <= hi:
             raise MptqError(f"--target-bits must lie in {lo}..{hi}, got {self.target_bits}")
+        if self.allocator not in ("greedy", "pareto"):
+            raise MptqError(f"--allocator must be 'greedy' or 'pareto', got {self.allocator!r}")
+        if self.pmq_masks < 1 or self.pmq_on < 1:
+            raise MptqError("the PMQ metric needs at least one mask per image and one quantizer on in each")
         if self.mp_images < 1:
             raise MptqError(f"--mp-images must be at least 1, got {self.mp_images}")
         if self.calib_size < 1:

@@ -95,6 +95,25 @@ def build_simulator(ctx: Context, prov, a_bits: dict[tuple[str, str], int], w_bi
     return Simulator(ctx.model, slots, init)
 
 
+def budget_shares(ctx: Context) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
+    """Each quantizer's share of its average, by (site, 'w' | 'a'): parameters for weights,
+    activation elements per image for a site's inputs; and the activations held at a set width
+    (the image input), which count in the average but never move."""
+    plans = list(ctx.plan.values())
+    sizes = ctx.report["act_sizes"]
+    w_total = sum(p.site.n_params for p in plans if p.site.weight)
+    a_size = {p.site.name: sum(sizes.get(a.tensor, 0.0) for a in p.site.inputs) for p in plans}
+    a_total = sum(a_size.values())
+    share = {}
+    for p in plans:
+        if p.site.weight:
+            share[(p.site.name, "w")] = p.site.n_params / w_total
+        share[(p.site.name, "a")] = a_size[p.site.name] / a_total
+    cfg = ctx.config
+    fixed = {(p.site.name, "a"): cfg.held_abits(p.site) for p in plans if cfg.held_abits(p.site)}
+    return share, fixed
+
+
 class GreedyMP(Pass):
     name = "greedy-mp"
 
@@ -103,23 +122,10 @@ class GreedyMP(Pass):
         target = cfg.target_bits
         if target is None:
             return PassResult(ctx, False, "no --target-bits: skipped")
-        cands = sorted(set(cfg.mp_candidates), reverse=True)
+        cands = sorted(set(cfg.candidates()), reverse=True)
         prov = ctx.site_optimizer or UniformProvider(ctx)
         plans = list(ctx.plan.values())
-        sizes = ctx.report["act_sizes"]
-
-        # the budget shares of each move type
-        w_total = sum(p.site.n_params for p in plans if p.site.weight)
-        a_size = {p.site.name: sum(sizes.get(a.tensor, 0.0) for a in p.site.inputs) for p in plans}
-        a_total = sum(a_size.values())
-        share = {}
-        for p in plans:
-            if p.site.weight:
-                share[(p.site.name, "w")] = p.site.n_params / w_total
-            share[(p.site.name, "a")] = a_size[p.site.name] / a_total
-
-        # activations held at a set width (the image input) count in the average but never move
-        fixed = {(p.site.name, "a"): cfg.held_abits(p.site) for p in plans if cfg.held_abits(p.site)}
+        share, fixed = budget_shares(ctx)
         state = {(p.site.name, t): fixed.get((p.site.name, t), cands[0])
                  for p in plans for t in ("w", "a") if (p.site.name, t) in share}
 
@@ -208,7 +214,10 @@ class GreedyMP(Pass):
                                    "kl_end": round(kl_cur, 5), "avg_w_bits": round(wb, 3),
                                    "avg_a_bits": round(ab, 3), "images": int(len(imgs)),
                                    "measured_bits": cands[-2:],
-                                   "evaluations": len(moves) + 2 + len(path) // CHECK_EVERY, "path": path}
+                                   "evaluations": len(moves) + 2 + len(path) // CHECK_EVERY, "path": path,
+                                   # each quantizer's KL increase lowered alone (PMQ's metric is ranked against it)
+                                   "measured": {f"{n}:{t}": {str(b): round(c, 8) for b, c in m.items()}
+                                                for (n, t), m in measured.items()}}
         if cfg.progress:
             for step in path:
                 kl = f"KL {step['kl']:.4f}" if "kl" in step else f"KL~{step['kl_est']:.4f}"

@@ -1,0 +1,170 @@
+"""PMQ's bit allocation (Xiao et al., 2023): global sensitivity, then the Pareto frontier.
+
+Runs where Greedy MP would (--allocator pareto), on the same quantizers (the recipe's own: OPT-m's
+in `mptq`, the uniform ones in `pmq`), budgets and candidates. Ω comes from sensitivity.py in a
+fixed number of forward passes; frontier.py turns it into the least-Ω allocation at every
+average width, and --target-bits reads one point off it. The report keeps the frontier (a point
+every quarter bit) so a user sees the whole trade-off from one run.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import onnx
+
+from ..frontier import frontier_points, solve
+from ..plan import Context
+from ..sensitivity import Item, global_sensitivity
+from ..simulate import kl_divergence
+from .base import Pass, PassResult
+from .greedy_mp import UniformProvider, budget_shares, build_simulator
+
+
+def site_macs(ctx: Context) -> dict[str, float]:
+    """Multiply-accumulates per image of each site, from the calibrated tensor sizes: a Linear's
+    input elements x its outputs, a Conv's the same x kernel area / stride area, an activation
+    MatMul's first operand's elements x the second's last axis."""
+    sizes = ctx.report["act_sizes"]
+    nodes = {n.name: n for n in ctx.model.graph.node}
+    out = {}
+    for p in ctx.plan.values():
+        s = p.site
+        a0 = sizes.get(s.inputs[0].tensor, 0.0) if s.inputs else 0.0
+        if s.weight:
+            shape = ctx.initializer(s.weight).dims
+            macs = a0 * shape[s.w_out_axis]
+            n = nodes.get(s.node)
+            if n is not None and n.op_type == "Conv":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                kernel = float(np.prod(shape[2:]))
+                stride = float(np.prod(attrs.get("strides", [1] * (len(shape) - 2))))
+                macs = a0 * shape[0] * kernel / stride / max(int(attrs.get("group", 1)), 1)
+            out[s.name] = float(macs)
+        else:
+            st = ctx.calib.stats.get(s.inputs[1].tensor) if len(s.inputs) > 1 else None
+            last = st.sample.shape[-1] if st is not None and st.sample is not None else 0
+            out[s.name] = float(a0 * last)
+    return out
+
+
+def gbops(plan, macs: dict[str, float], w_bits: dict[str, int] | None = None,
+          a_bits: dict[str, int] | None = None) -> float:
+    """Giga bit-operations per image: Σ MACs x weight bits x activation bits (activation x
+    activation for attention MatMuls); a float operand counts 32 bits."""
+    tot = 0.0
+    for p in plan.values():
+        s = p.site
+        ab = (a_bits or {}).get(s.name, p.a_bits) or 32
+        wb = ((w_bits or {}).get(s.name, p.w_bits) or 32) if s.weight else ab
+        tot += macs.get(s.name, 0.0) * wb * ab
+    return tot / 1e9
+
+
+class ParetoMP(Pass):
+    name = "pareto-mp"
+
+    def __call__(self, ctx: Context) -> PassResult:
+        cfg = ctx.config
+        target = cfg.target_bits
+        if target is None:
+            return PassResult(ctx, False, "no --target-bits: skipped")
+        cands = sorted(set(cfg.candidates()), reverse=True)
+        prov = ctx.site_optimizer or UniformProvider(ctx)
+        plans = list(ctx.plan.values())
+        sites = {p.site.name: p.site for p in plans}
+        share, fixed = budget_shares(ctx)
+        items = [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed]
+        probe = cfg.pmq_probe_bits or min(cands)
+        imgs = ctx.calib_images[: cfg.mp_images]
+        ref = ctx.calib.logits[: cfg.mp_images]
+        sens = global_sensitivity(ctx, prov, items, cands, probe, imgs, ref, cfg.pmq_masks, cfg.pmq_on,
+                                  progress=cfg.progress)
+
+        t1 = time.perf_counter()
+        asc = sorted(cands)
+        fr = {}
+        for typ in ("w", "a"):
+            its = [it for it in items if it.key[1] == typ]
+            if not its:
+                fr[typ] = None
+                continue
+            held = sum(share[k] * b for k, b in fixed.items() if k[1] == typ)
+            # a held quantizer's bits count in the average: the movable ones meet what is left
+            om = np.array([[sens.omega[it.key][b] for b in asc] for it in its])
+            fr[typ] = (solve(asc, np.array([it.share for it in its]), om), its, held)
+        t_frontier = time.perf_counter() - t1
+
+        def pick(typ, t):
+            if fr[typ] is None:
+                return {}
+            f, its, held = fr[typ]
+            idx = f.at(t - held)
+            return {it.key: asc[j] for it, j in zip(its, idx)}
+
+        macs = site_macs(ctx)
+
+        def describe(t, chosen=False):
+            st = {**pick("w", t), **pick("a", t), **fixed}
+            wb = sum(share[k] * b for k, b in st.items() if k[1] == "w")
+            ab = sum(share[k] * b for k, b in st.items() if k[1] == "a")
+            om = sum(sens.omega[k][b] for k, b in st.items() if k in sens.omega)
+            w_bits = {k[0]: b for k, b in st.items() if k[1] == "w"}
+            a_bits = {k[0]: b for k, b in st.items() if k[1] == "a"}
+            cost = sum(p.site.n_params * w_bits.get(p.site.name, 0) for p in plans if p.site.weight)
+            cost += sum(ctx.report["act_sizes"].get(a.tensor, 0.0) * a_bits.get(p.site.name, 0)
+                        for p in plans for a in p.site.inputs)
+            pt = {"target": round(t, 4), "avg_w_bits": round(wb, 4), "avg_a_bits": round(ab, 4),
+                  "cost_bits": int(round(cost)), "gbops": round(gbops(ctx.plan, macs, w_bits, a_bits), 5),
+                  "omega": round(om, 6)}
+            if chosen:
+                pt["chosen"] = True
+            return pt, st
+
+        # the allocation itself: per type, with the held quantizers' share taken off the budget
+        state = {**pick("w", target), **pick("a", target), **fixed}
+        points = []
+        lo, hi = min(cands), max(cands)
+        for t in np.arange(lo, hi + 1e-9, 0.25):
+            if abs(t - target) > 1e-9:
+                points.append(describe(float(t))[0])
+        chosen, _ = describe(target, chosen=True)
+        points = sorted(points + [chosen], key=lambda p: p["target"])
+
+        for p in plans:
+            s = p.site
+            if s.weight:
+                p.w_bits = state[(s.name, "w")]
+                p.weight = prov.weight(s, p.w_bits)
+            p.a_bits = state[(s.name, "a")]
+            p.acts = list(prov.acts(s, p.a_bits))
+            p.methods.append("pareto-mp")
+
+        # the chosen point's real KL (one evaluation), for the report and a user comparing allocators
+        kl = None
+        if cfg.pmq_measure_kl:
+            sim = build_simulator(ctx, prov, {k: b for k, b in state.items() if k[1] == "a"}, max(cands))
+            feeds = {}
+            for p in plans:
+                if p.site.weight:
+                    feeds.update(sim.feeds(p.site.name, "w", p.weight))
+                for i, q in enumerate(p.acts):
+                    feeds.update(sim.feeds(p.site.name, f"a{i}", q))
+            kl = kl_divergence(ref, sim.run(imgs, feeds))
+            chosen["kl"] = round(kl, 5)
+        wb, ab = chosen["avg_w_bits"], chosen["avg_a_bits"]
+        ctx.report["pareto_mp"] = {
+            "target": target, "candidates": cands, "probe_bits": probe, "images": int(len(imgs)),
+            "rows": sens.rows, "runs": sens.runs, "metric_seconds": round(sens.seconds, 3),
+            "frontier_seconds": round(t_frontier, 4), "fit_r2": round(sens.fit_r2, 4),
+            "omega": {f"{k[0]}:{k[1]}": {str(b): round(v, 8) for b, v in row.items()}
+                      for k, row in sens.omega.items()}}
+        ctx.report["frontier"] = points
+        ctx.report["gbops"] = chosen["gbops"]
+        if cfg.progress:
+            print(f"  pmq: metric {sens.seconds:.1f}s ({sens.runs} runs of {sens.rows} rows, fit R2 "
+                  f"{sens.fit_r2:.2f}), frontier {t_frontier * 1000:.0f} ms", file=sys.stderr)
+        kl_s = f"; KL {kl:.4f}" if kl is not None else ""
+        return PassResult(ctx, False, f"avg W {wb:.2f} / A {ab:.2f} bits (target {target:g}), "
+                                      f"{chosen['gbops']:.3f} GBOPs{kl_s}")

@@ -1,0 +1,236 @@
+"""PMQ's global sensitivity: a score for every quantizer at every bit-width, from a fixed number of
+forward passes that does not grow with the number of quantizers (Xiao et al., 2023, section 1 of
+our issue; the paper's own metric is not public, this is ours).
+
+A *quantizer* is what a bit allocator moves: one site's weights, or all of one site's inputs.
+The probe graph adds to every quantizer k its fake-quantization error at the probe width through
+a per-image switch: x + m[n, k] (Q(x) - x) for activations, y + m[n, k] (x ΔW) for weights. One
+batch row is one (image, random switch vector) pair, so a single onnxruntime run scores as many
+random mixed configurations as it has rows. The KL to float of each row is regressed on its
+switches (non-negative least squares):
+
+    KL(row) ≈ Σ_k m[row, k] c_k
+
+c_k is the cost of quantizer k at the probe width while about `density` of the others are on
+too: a global measure, taken inside mixed configurations like those the allocator builds, not
+from the all-high one. Other widths follow each quantizer's own quantization error on its
+calibration sample (the quadratic model: a small perturbation's KL grows with its noise power):
+Ω_k(b) = c_k · r_k^(b_probe - b), r_k the per-bit ratio of E_k at the probe width and the next
+candidate. E is computed from the data, so it needs no evaluation.
+
+Cost: rows / batch onnxruntime runs of the whole network (`rows` = images x masks per image),
+against Greedy MP's two tail runs per quantizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .calibrate import session
+from .emit import Editor
+from .quantizers import Quantizer, fake_quant
+
+RATIO_RANGE = (2.0, 16.0)  # per-bit growth of a quantizer's cost (as Greedy MP's extrapolation)
+
+
+@dataclasses.dataclass
+class Item:
+    """One quantizer an allocator sets: `key` = (site name, 'w' | 'a')."""
+    key: tuple[str, str]
+    site: object
+    share: float                     # its weight in the average it belongs to (sums to 1 per type)
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    omega: dict[tuple[str, str], dict[int, float]]   # key -> {bits: Ω}
+    probe_bits: int
+    rows: int
+    runs: int                        # onnxruntime runs of the whole network (batches)
+    seconds: float
+    fit_r2: float                    # how much of the rows' KL variance the additive model explains
+
+
+def _error_energy(x: np.ndarray | None, q: Quantizer | None) -> float | None:
+    if x is None or q is None:
+        return None
+    x = np.asarray(x, np.float32)
+    return float(np.square(fake_quant(x, q).astype(np.float64) - x).mean())
+
+
+def noise_energy(ctx, prov, site, typ: str, bits: int) -> float | None:
+    """Mean squared quantization error of a quantizer on its calibration data (None: no sample)."""
+    if typ == "w":
+        return _error_energy(ctx.weight(site.weight), prov.weight(site, bits))
+    total, any_ = 0.0, False
+    for a, q in zip(site.inputs, prov.acts(site, bits)):
+        st = ctx.calib.stats.get(a.tensor)
+        e = _error_energy(None if st is None else st.sample, q)
+        if e is not None:
+            total, any_ = total + e, True
+    return total if any_ else None
+
+
+def build_probe(model: onnx.ModelProto, items: list[Item], prov, probe_bits: int, weights) -> tuple[onnx.ModelProto, str]:
+    """The float model with every item's error at `probe_bits` behind a per-image switch: a new
+    graph input `pmq_mask` [N, K] (K = len(items)). `weights(name)` reads an initializer."""
+    ed = Editor(model, "sim")
+    g = model.graph
+    nodes = {n.name: n for n in g.node}
+    first = g.node[0].name
+    mask = "pmq_mask"
+    ed._names.add(mask)
+    # [N, -1]: flattens any tensor whose leading axis runs over images first (Swin's windows too)
+    n_shape = ed.node(first, "Shape", [mask], "pmq_n", start=0, end=1)
+    flat = ed.node(first, "Concat", [n_shape, ed.const("pmq_minus1", np.array([-1], np.int64))], "pmq_flat", axis=0)
+
+    def switched(at: str, delta: str, k: int, base: str) -> str:
+        col = ed.node(at, "Gather", [mask, ed.const(base + "_k", np.array([k], np.int64))], base + "_m", axis=1)
+        d = ed.node(at, "Reshape", [delta, flat], base + "_flat")
+        d = ed.node(at, "Mul", [d, col], base + "_on")
+        return ed.node(at, "Reshape", [d, ed.node(at, "Shape", [delta], base + "_shape")], base + "_back")
+
+    rewire: dict[str, dict[int, str]] = {}
+    after: dict[str, list] = {}
+    for k, it in enumerate(items):
+        s = it.site
+        base = f"pmq_{s.name}_{it.key[1]}".replace(".", "_").replace("@", "_")
+        node = nodes[s.node]
+        if it.key[1] == "a":
+            for i, (a, q) in enumerate(zip(s.inputs, prov.acts(s, probe_bits))):
+                if q is None:
+                    continue
+                y, _ = ed.act(s.node, a.tensor, q, f"{base}{i}")
+                d = ed.node(s.node, "Sub", [y, a.tensor], f"{base}{i}_err")
+                y2 = ed.node(s.node, "Add", [a.tensor, switched(s.node, d, k, f"{base}{i}")], f"{base}{i}_x")
+                rewire.setdefault(s.node, {})[list(node.input).index(a.tensor)] = y2
+        else:
+            w = weights(s.weight)
+            dw = fake_quant(w, prov.weight(s, probe_bits)) - w
+            after[s.node] = (k, list(node.input).index(s.weight), ed.const(base + "_dw", dw.astype(np.float32)), base)
+    # a weight's error: the node again on its (switched) inputs with ΔW, added to its output
+    out_nodes = []
+    post: dict[str, tuple] = {}
+    for n in g.node:
+        if n.name not in after:
+            continue
+        k, wi, dw, base = after[n.name]
+        ins = [rewire.get(n.name, {}).get(i, t) for i, t in enumerate(n.input)]
+        ins[wi] = dw
+        if n.op_type in ("Gemm", "Conv"):
+            ins = ins[:2]  # the bias is in the node's own output already
+        err = ed.name(base + "_err")
+        op = helper.make_node(n.op_type, ins, [err], name=ed.name(base + "_err_op"), domain=n.domain)
+        op.attribute.extend(n.attribute)
+        at = "__post__" + n.name
+        raw = ed.name(n.output[0] + "_pmq_raw")
+        ed.node(at, "Add", [raw, switched(at, err, k, base)], base + "_y")
+        post[n.name] = (raw, op)
+    for n in g.node:
+        out_nodes += ed.before.get(n.name, [])
+        for i, t in rewire.get(n.name, {}).items():
+            n.input[i] = t
+        if n.name in post:
+            raw, op = post[n.name]
+            y = n.output[0]
+            n.output[0] = raw
+            out_nodes += [n, op]
+            tail = ed.before.get("__post__" + n.name, [])
+            tail[-1].output[0] = y  # the last Add writes the node's original output
+            out_nodes += tail
+        else:
+            out_nodes.append(n)
+    del g.node[:]
+    g.node.extend(out_nodes)
+    g.initializer.extend(ed.inits)
+    g.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["N", len(items)]))
+    return model, mask
+
+
+def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) ‖ softmax(logits)) per row."""
+    def logsoftmax(z):
+        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    lp, lq = logsoftmax(ref_logits), logsoftmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=1)
+
+
+def probe_masks(n_rows: int, k: int, on: int, seed: int) -> np.ndarray:
+    """0/1 switches, `on` of them in each row. With one on, every quantizer in turn, in a new
+    random order each round (each meets about n_rows / k images)."""
+    rng = np.random.default_rng([seed, 20230511])
+    on = min(max(1, on), k)
+    m = np.zeros((n_rows, k), np.float32)
+    if on == 1:
+        order = np.concatenate([rng.permutation(k) for _ in range(-(-n_rows // k))])[:n_rows]
+        m[np.arange(n_rows), order] = 1.0
+        return m
+    for r in range(n_rows):
+        m[r, rng.choice(k, on, replace=False)] = 1.0
+    return m
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from scipy.optimize import nnls as _nnls
+    return _nnls(a.astype(np.float64), b.astype(np.float64), maxiter=50 * a.shape[1])[0]
+
+
+def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bits: int, images: np.ndarray,
+                       ref_logits: np.ndarray, masks_per_image: int, on: int = 1, batch: int = 64,
+                       progress: bool = False, per_image: bool = True, group: int = 1) -> Sensitivity:
+    """Ω for every item and candidate width (see the module doc)."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    model = onnx.ModelProto()
+    model.CopyFrom(ctx.model)
+    probe, mask_name = build_probe(model, items, prov, probe_bits, ctx.weight)
+    sess = session(probe)
+    in_name = sess.get_inputs()[0].name
+    out_name = sess.get_outputs()[0].name
+    n = len(images)
+    rows = n * masks_per_image
+    # a mask is shared by `group` images (their mean KL is one cleaner equation); every image
+    # meets masks_per_image masks
+    masks = probe_masks(-(-rows // group), len(items), on, ctx.config.seed)
+    masks = np.repeat(masks, group, axis=0)[:rows]
+    img_of = np.arange(rows) % n
+    kl = np.empty(rows)
+    runs = 0
+    for s in tqdm(range(0, rows, batch), desc="pmq: sensitivity", disable=not progress, leave=False):
+        idx = img_of[s:s + batch]
+        y = sess.run([out_name], {in_name: images[idx], mask_name: masks[s:s + batch]})[0]
+        kl[s:s + batch] = kl_rows(ref_logits[idx], y)
+        runs += 1
+    del sess, probe
+    y = kl
+    if per_image:  # images differ in how much any error moves them: each image's rows to its mean
+        img_mean = np.bincount(img_of, kl, minlength=n) / np.bincount(img_of, minlength=n)
+        y = kl / np.maximum(img_mean[img_of], 1e-12) * kl.mean()
+    if group > 1:  # one equation per mask: the mean over its images
+        g = np.arange(rows) // group
+        cnt = np.bincount(g)
+        y = np.bincount(g, y) / cnt
+        masks = masks[::group]
+    c = nnls(masks, y)
+    pred = masks @ c
+    r2 = 1.0 - float(np.square(y - pred).sum() / max(np.square(y - y.mean()).sum(), 1e-30))
+    # other widths: each quantizer's error energy at the probe width and the next candidate gives
+    # its per-bit ratio r (kept within Greedy MP's [2, 16]), then Ω(b) = c · r^(probe - b). Two
+    # widths of quantizers, as Greedy MP measures: OPT-m's searches at every width cost more than
+    # the metric itself (35 s of 46 s on deit_tiny_tin)
+    up = [b for b in sorted(cands) if b > probe_bits]
+    omega: dict[tuple[str, str], dict[int, float]] = {}
+    for it, ck in zip(items, c):
+        r = 4.0
+        if up:
+            e0 = noise_energy(ctx, prov, it.site, it.key[1], probe_bits)
+            e1 = noise_energy(ctx, prov, it.site, it.key[1], up[0])
+            if e0 and e1:
+                r = float(np.clip((e0 / e1) ** (1.0 / (up[0] - probe_bits)), *RATIO_RANGE))
+        omega[it.key] = {b: float(ck) * r ** (probe_bits - b) for b in cands}
+    return Sensitivity(omega, probe_bits, rows, runs, time.perf_counter() - t0, r2)
