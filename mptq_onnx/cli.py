@@ -83,7 +83,7 @@ def _config(a):
                       image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
                       reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device,
                       recon_images=a.recon_images, recon_lr=a.recon_lr, recon_scale_lr=a.recon_scale_lr,
-                      recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer)
+                      recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -168,13 +168,18 @@ RECON_IMAGES_DEFAULT = 512  # on deit_tiny_tin, reconstruction on 128 images did
 
 def _add_quant_args(p):
     p.add_argument("--recipe", default="uniform",
-                   help="uniform | mptq | mptq-paper | sqb | optm | ias (default: uniform); see the README's recipe "
-                        "table (ias: I&S-ViT, trains in torch)")
+                   help="uniform | mptq | mptq-paper | sqb | optm | ias | pmq (default: uniform); see the README's recipe "
+                        "table (ias: I&S-ViT, trains in torch; pmq: PMQ's allocation over uniform quantizers, "
+                        "needs --target-bits)")
     p.add_argument("--wbits", type=_bits, default=8, help="weight bits, 2-8 (default 8)")
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
     p.add_argument("--target-bits", type=float, default=None,
-                   help="Greedy MP: average bit-width for weights and activations (e.g. 5)")
-    p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None, help="Greedy MP bit-widths (default 8 6 5 4)")
+                   help="mixed precision: average bit-width for weights and activations (e.g. 5)")
+    p.add_argument("--allocator", choices=["greedy", "pareto"], default="greedy",
+                   help="mixed precision: greedy (MPTQ-ViT's Greedy MP) or pareto (PMQ: one-shot sensitivity and "
+                        "the whole Pareto frontier, kept in the report); default greedy")
+    p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None,
+                   help="mixed-precision bit-widths (default 8 6 5 4, and 3 for a target below 5)")
     p.add_argument("--mp-images", type=int, default=16,
                    help="calibration images Greedy MP scores configurations on (default 16; time grows with it)")
     p.add_argument("--image-bits", type=_image_bits, default=8,

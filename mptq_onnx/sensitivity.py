@@ -75,23 +75,24 @@ def noise_energy(ctx, prov, site, typ: str, bits: int) -> float | None:
     return total if any_ else None
 
 
-def build_probe(model: onnx.ModelProto, items: list[Item], prov, probe_bits: int, weights) -> tuple[onnx.ModelProto, str]:
-    """The float model with every item's error at `probe_bits` behind a per-image switch: a new
-    graph input `pmq_mask` [N, K] (K = len(items)). `weights(name)` reads an initializer."""
+def build_probe(model: onnx.ModelProto, items: list[Item], prov, probe_bits: int, weights) -> tuple[onnx.ModelProto, list[str]]:
+    """The float model with every item's error at `probe_bits` behind a per-image switch: one
+    graph input per item, [N, 1], default 0 (off); returns the model and those inputs' names.
+    `weights(name)` reads an initializer."""
     ed = Editor(model, "sim")
     g = model.graph
     nodes = {n.name: n for n in g.node}
-    first = g.node[0].name
-    mask = "pmq_mask"
-    ed._names.add(mask)
-    # [N, -1]: flattens any tensor whose leading axis runs over images first (Swin's windows too)
-    n_shape = ed.node(first, "Shape", [mask], "pmq_n", start=0, end=1)
-    flat = ed.node(first, "Concat", [n_shape, ed.const("pmq_minus1", np.array([-1], np.int64))], "pmq_flat", axis=0)
+    switches = [ed.const(f"pmq_on_{k}", np.zeros((1, 1), np.float32), feed=True) for k in range(len(items))]
+    minus1 = ed.const("pmq_minus1", np.array([-1], np.int64))
 
     def switched(at: str, delta: str, k: int, base: str) -> str:
-        col = ed.node(at, "Gather", [mask, ed.const(base + "_k", np.array([k], np.int64))], base + "_m", axis=1)
+        # [N, -1], N from the switch itself (1 when it is not fed): flattens any tensor whose
+        # leading axis runs over images first (Swin's windows too), and depends on no activation,
+        # so the cuts between blocks stay cuts (simulate.TailScorer)
+        n = ed.node(at, "Shape", [switches[k]], base + "_n", start=0, end=1)
+        flat = ed.node(at, "Concat", [n, minus1], base + "_fshape", axis=0)
         d = ed.node(at, "Reshape", [delta, flat], base + "_flat")
-        d = ed.node(at, "Mul", [d, col], base + "_on")
+        d = ed.node(at, "Mul", [d, switches[k]], base + "_on")
         return ed.node(at, "Reshape", [d, ed.node(at, "Shape", [delta], base + "_shape")], base + "_back")
 
     rewire: dict[str, dict[int, str]] = {}
@@ -147,8 +148,24 @@ def build_probe(model: onnx.ModelProto, items: list[Item], prov, probe_bits: int
     del g.node[:]
     g.node.extend(out_nodes)
     g.initializer.extend(ed.inits)
-    g.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["N", len(items)]))
-    return model, mask
+    for name in switches:  # fed per row: [N, 1]
+        g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 1]))
+    return model, switches
+
+
+class _ProbeSim:
+    """What TailScorer needs of a simulator: the probe model and a whole-graph run."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.sess = session(model)
+        self.in_name = model.graph.input[0].name
+        self.out_name = model.graph.output[0].name
+
+    def run(self, images: np.ndarray, feeds: dict, batch: int = 64) -> np.ndarray:
+        return np.concatenate([self.sess.run([self.out_name], {self.in_name: images[i:i + batch],
+                                                               **{k: v[i:i + batch] for k, v in feeds.items()}})[0]
+                               for i in range(0, len(images), batch)])
 
 
 def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -182,40 +199,49 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bits: int, images: np.ndarray,
                        ref_logits: np.ndarray, masks_per_image: int, on: int = 1, batch: int = 64,
-                       progress: bool = False, per_image: bool = True, group: int = 1) -> Sensitivity:
+                       progress: bool = False, per_image: bool = True) -> Sensitivity:
     """Ω for every item and candidate width (see the module doc)."""
     from tqdm import tqdm
     t0 = time.perf_counter()
     model = onnx.ModelProto()
     model.CopyFrom(ctx.model)
-    probe, mask_name = build_probe(model, items, prov, probe_bits, ctx.weight)
-    sess = session(probe)
-    in_name = sess.get_inputs()[0].name
-    out_name = sess.get_outputs()[0].name
+    probe, switches = build_probe(model, items, prov, probe_bits, ctx.weight)
     n = len(images)
     rows = n * masks_per_image
-    # a mask is shared by `group` images (their mean KL is one cleaner equation); every image
-    # meets masks_per_image masks
-    masks = probe_masks(-(-rows // group), len(items), on, ctx.config.seed)
-    masks = np.repeat(masks, group, axis=0)[:rows]
+    masks = probe_masks(rows, len(items), on, ctx.config.seed)
     img_of = np.arange(rows) % n
     kl = np.empty(rows)
+    sim = _ProbeSim(probe)
     runs = 0
-    for s in tqdm(range(0, rows, batch), desc="pmq: sensitivity", disable=not progress, leave=False):
-        idx = img_of[s:s + batch]
-        y = sess.run([out_name], {in_name: images[idx], mask_name: masks[s:s + batch]})[0]
-        kl[s:s + batch] = kl_rows(ref_logits[idx], y)
-        runs += 1
-    del sess, probe
+    if on == 1:
+        # one quantizer per row: nothing before its block is switched on, so its rows run from the
+        # cut before that block on the float activations there, computed once (simulate.TailScorer)
+        from .simulate import TailScorer
+        tails = TailScorer(sim, images, {})
+        work = []
+        for k in range(len(items)):
+            r = np.flatnonzero(masks[:, k])
+            if len(r):
+                work.append((k, r, {switches[k]: np.ones((1, 1), np.float32)}))
+        tails.prepare([f for _, _, f in work])
+        work.sort(key=lambda w: tails.start(w[2]))  # one tail session at a time
+        for k, r, f in tqdm(work, desc="pmq: sensitivity", disable=not progress, leave=False):
+            idx = img_of[r]
+            feeds = {switches[k]: np.ones((len(idx), 1), np.float32)}
+            kl[r] = kl_rows(ref_logits[idx], tails.run_rows(feeds, idx))
+            runs += 1
+        del tails
+    else:
+        for s in tqdm(range(0, rows, batch), desc="pmq: sensitivity", disable=not progress, leave=False):
+            idx = img_of[s:s + batch]
+            feeds = {sw: masks[s:s + batch, k:k + 1] for k, sw in enumerate(switches)}
+            kl[s:s + batch] = kl_rows(ref_logits[idx], sim.run(images[idx], feeds))
+            runs += 1
+    del sim, probe
     y = kl
     if per_image:  # images differ in how much any error moves them: each image's rows to its mean
         img_mean = np.bincount(img_of, kl, minlength=n) / np.bincount(img_of, minlength=n)
         y = kl / np.maximum(img_mean[img_of], 1e-12) * kl.mean()
-    if group > 1:  # one equation per mask: the mean over its images
-        g = np.arange(rows) // group
-        cnt = np.bincount(g)
-        y = np.bincount(g, y) / cnt
-        masks = masks[::group]
     c = nnls(masks, y)
     pred = masks @ c
     r2 = 1.0 - float(np.square(y - pred).sum() / max(np.square(y - y.mean()).sum(), 1e-30))

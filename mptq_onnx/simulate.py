@@ -271,6 +271,18 @@ class TailScorer:
         m = onnx.helper.make_model(g, opset_imports=self.sim.model.opset_import, ir_version=self.sim.model.ir_version)
         return session(m, self.threads, {t.name: self._big[t.name][1] for t in inits if t.name in self._big})
 
+    def run_rows(self, feeds: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+        """Logits of images[idx] (one batch) with `feeds` on top; fed arrays are per row of idx
+        or broadcast."""
+        full = {**self.base, **feeds}
+        c = self.start(feeds)
+        if c == 0:
+            return self.sim.run(self.images[idx], full, max(len(idx), 1))
+        self._prepare_cuts({c})
+        sess, names = self._tail(c)
+        acts = {t: a[idx] for t, a in self._cache[c].items()}
+        return sess.run([self.sim.out_name], {**acts, **{k: v for k, v in full.items() if k in names}})[0]
+
     def run(self, feeds: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
         """Logits of the base configuration with `feeds` applied on top."""
         full = {**self.base, **feeds}

@@ -1,0 +1,193 @@
+"""PMQ (passes/pareto.py): the frontier's DP against brute force, the probe graph's per-image
+switches against fake-quantized models, and the allocator end to end on the embedded model."""
+import copy
+import itertools
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from mptq_onnx.calibrate import session
+from mptq_onnx.cli import main
+from mptq_onnx.data import load_calibration
+from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
+from mptq_onnx.emit import Editor
+from mptq_onnx.errors import MptqError
+from mptq_onnx.frontier import solve
+from mptq_onnx.modelio import get_preprocess
+from mptq_onnx.passes.base import PassManager
+from mptq_onnx.passes.calibrate import Calibrate
+from mptq_onnx.passes.canonicalize import Canonicalize
+from mptq_onnx.passes.greedy_mp import UniformProvider, budget_shares
+from mptq_onnx.passes.qdq import average_bits
+from mptq_onnx.passes.uniform import UniformParams
+from mptq_onnx.plan import Context, QuantConfig
+from mptq_onnx.quantizers import fake_quant
+from mptq_onnx.sensitivity import Item, build_probe, probe_masks
+
+
+def _run(m, xs):
+    ss = session(m)
+    return ss.run(None, {ss.get_inputs()[0].name: xs})[0]
+
+
+def _brute(cands, shares, omega, target):
+    best = np.inf
+    for js in itertools.product(range(len(cands)), repeat=len(shares)):
+        avg = sum(s * cands[j] for s, j in zip(shares, js))
+        if avg <= target + 1e-9:
+            best = min(best, sum(omega[k, j] for k, j in enumerate(js)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_frontier_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    cands = [3, 4, 6, 8]
+    shares = rng.dirichlet(np.ones(5))
+    # costs that fall with bits, like Ω, with random per-quantizer scales
+    omega = rng.uniform(0.1, 10, (5, 1)) * 4.0 ** -np.array(cands)[None, :] * rng.uniform(0.5, 2, (5, 4))
+    omega = np.minimum.accumulate(omega[:, ::-1], axis=1)[:, ::-1]  # non-increasing in bits
+    f = solve(cands, shares, omega, grid=4096)
+    assert np.all(np.diff(f.best) <= 1e-15)  # the frontier is monotone: more bits never cost Ω
+    for t in np.linspace(3.0, 8.0, 21):
+        idx = f.at(t)
+        assert f.average(idx) <= t + 1e-9  # the budget holds exactly
+        # optimal up to the grid's rounding (quantizers / 2 / grid bits of the average)
+        slack = len(shares) / 2 / f.grid
+        assert f.total(idx) <= _brute(cands, shares, omega, t - slack) + 1e-12
+        assert f.total(idx) >= _brute(cands, shares, omega, t) - 1e-12
+
+
+def test_probe_masks_rotate_single_quantizers():
+    m = probe_masks(50, 7, 1, seed=0)
+    assert m.shape == (50, 7) and np.all(m.sum(1) == 1)
+    counts = m.sum(0)
+    assert counts.max() - counts.min() <= 1  # every quantizer in turn
+    m3 = probe_masks(20, 7, 3, seed=0)
+    assert np.all(m3.sum(1) == 3)
+
+
+@pytest.fixture(scope="module")
+def uniform_ctx():
+    m = load_embedded_model()
+    imgs = load_calibration(embedded_calib_dir(), get_preprocess(m), 8, progress=False)
+    ctx = Context(m, QuantConfig(wbits=4, abits=4, calib_size=8, progress=False), imgs)
+    PassManager([Canonicalize(), Calibrate(), UniformParams()], verbose=False)(ctx)
+    return ctx
+
+
+def test_probe_switches_each_image_alone(uniform_ctx):
+    """Row by row, the probe graph equals the float model with just that row's quantizers on:
+    a weight (W replaced by its fake-quantized values) and an activation (fake-quant before the node)."""
+    ctx = uniform_ctx
+    prov = UniformProvider(ctx)
+    share, fixed = budget_shares(ctx)
+    sites = {p.site.name: p.site for p in ctx.plan.values()}
+    items = [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed]
+    kw = next(i for i, it in enumerate(items) if it.key == ("blocks.3.mlp.fc1", "w"))
+    ka = next(i for i, it in enumerate(items) if it.key == ("blocks.5.attn.q@k", "a"))
+    probe, switches = build_probe(copy.deepcopy(ctx.model), items, prov, 3, ctx.weight)
+    x = ctx.calib_images[:3]
+    on_w, on_a = np.zeros((3, 1), np.float32), np.zeros((3, 1), np.float32)
+    on_w[1], on_a[2] = 1.0, 1.0
+    s = session(probe)
+    got = s.run(None, {s.get_inputs()[0].name: x, switches[kw]: on_w, switches[ka]: on_a})[0]
+    # a switch not fed is off for every image
+    np.testing.assert_allclose(s.run(None, {s.get_inputs()[0].name: x})[0], _run(ctx.model, x), rtol=1e-5, atol=1e-5)
+
+    run = _run
+    ref_float = run(ctx.model, x)
+    np.testing.assert_allclose(got[0], ref_float[0], rtol=1e-5, atol=1e-5)  # all off: float
+    # a weight on: the float model with W replaced by Q(W) (x W + x ΔW against x (W + ΔW))
+    site = sites["blocks.3.mlp.fc1"]
+    mw = copy.deepcopy(ctx.model)
+    w = ctx.weight(site.weight)
+    for t in mw.graph.initializer:
+        if t.name == site.weight:
+            t.CopyFrom(onnx.numpy_helper.from_array(fake_quant(w, prov.weight(site, 3)), t.name))
+    np.testing.assert_allclose(got[1], run(mw, x[1:2])[0], rtol=1e-4, atol=1e-4)
+    assert np.abs(got[1] - ref_float[1]).max() > 1e-3  # and it did change the output
+    # an activation on: both inputs of q@k fake-quantized before the node
+    site = sites["blocks.5.attn.q@k"]
+    ed = Editor(copy.deepcopy(ctx.model), "sim")
+    node = next(n for n in ed.model.graph.node if n.name == site.node)
+    for i, (a, q) in enumerate(zip(site.inputs, prov.acts(site, 3))):
+        y, _ = ed.act(site.node, a.tensor, q, f"t{i}")
+        ed.use(site.node, list(node.input).index(a.tensor), y)
+    np.testing.assert_allclose(got[2], run(ed.finish(), x[2:3])[0], rtol=1e-4, atol=1e-4)
+    assert np.abs(got[2] - ref_float[2]).max() > 1e-3
+
+
+def test_pareto_allocator_end_to_end(embedded_onnx, tmp_path):
+    out = tmp_path / "q.onnx"
+    rc = main(["convert", str(embedded_onnx), "--recipe", "pmq", "--target-bits", "5", "--mp-images", "4",
+               "--calib", str(embedded_calib_dir()), "--calib-size", "8", "-o", str(out), "-q"])
+    assert rc == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert rep["avg_w_bits"] <= 5.0 + 1e-3 and rep["avg_a_bits"] <= 5.0 + 1e-3  # the budget is met
+    assert rep["avg_w_bits"] > 4.5 and rep["avg_a_bits"] > 4.5  # and used, not undershot
+    front = rep["frontier"]
+    chosen = [p for p in front if p.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["target"] == 5.0 and "kl" in chosen[0]
+    om = [p["omega"] for p in front]
+    assert all(a >= b - 1e-12 for a, b in zip(om, om[1:]))  # more bits, less Ω
+    g = [p["gbops"] for p in front]
+    assert all(a <= b + 1e-9 for a, b in zip(g, g[1:])) and rep["gbops"] == chosen[0]["gbops"]
+    mp = rep["pareto_mp"]
+    assert mp["candidates"] == [8, 6, 5, 4] and mp["rows"] == 4 * 32
+    assert mp["runs"] < mp["rows"]  # rows run in groups, from their block's cut
+    layers = {r["site"]: r for r in rep["layers"]}
+    assert len({r["w_bits"] for r in layers.values() if r["w_bits"]}) >= 2  # mixed
+    assert all("pareto-mp" in r["method"] for r in layers.values())
+
+
+def test_pareto_mp_is_deterministic(uniform_ctx):
+    from mptq_onnx.passes.pareto import ParetoMP
+    outs = []
+    for _ in range(2):
+        ctx = copy.deepcopy(uniform_ctx)
+        ctx.config = QuantConfig(wbits=4, abits=4, calib_size=8, progress=False, target_bits=4.5, mp_images=2,
+                                 pmq_masks=8, pmq_measure_kl=False)
+        ParetoMP()(ctx)
+        outs.append({n: (p.w_bits, p.a_bits) for n, p in ctx.plan.items()})
+        wb, ab = average_bits(ctx.plan, ctx.report["act_sizes"])
+        assert wb <= 4.5 + 1e-6 and ab <= 4.5 + 1e-6
+        assert ctx.report["pareto_mp"]["candidates"] == [8, 6, 5, 4, 3]  # 3 joins below a 5-bit target
+    assert outs[0] == outs[1]
+
+
+def test_pmq_recipe_needs_a_target():
+    from mptq_onnx.convert import recipe_passes
+    with pytest.raises(MptqError, match="target-bits"):
+        recipe_passes(QuantConfig(recipe="pmq"))
+    with pytest.raises(MptqError, match="allocator"):
+        QuantConfig(allocator="random").validate()
+    assert QuantConfig(target_bits=4).candidates() == (8, 6, 5, 4, 3)
+    assert QuantConfig(target_bits=5).candidates() == (8, 6, 5, 4)
+    assert QuantConfig(target_bits=4, mp_candidates=(8, 4)).candidates() == (8, 4)
+
+
+def test_probe_rows_from_their_block_equal_whole_graph_rows(uniform_ctx):
+    """The metric runs each quantizer's rows from the cut before its block (TailScorer.run_rows):
+    the same logits as the whole probe graph, and later blocks start later."""
+    from mptq_onnx.sensitivity import _ProbeSim
+    from mptq_onnx.simulate import TailScorer
+    ctx = uniform_ctx
+    prov = UniformProvider(ctx)
+    share, fixed = budget_shares(ctx)
+    sites = {p.site.name: p.site for p in ctx.plan.values()}
+    items = [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed]
+    probe, switches = build_probe(copy.deepcopy(ctx.model), items, prov, 4, ctx.weight)
+    sim = _ProbeSim(probe)
+    imgs = ctx.calib_images[:6]
+    tails = TailScorer(sim, imgs, {})
+    idx = np.array([4, 1, 2])
+    starts = []
+    for key in [("blocks.1.attn.qkv", "w"), ("blocks.7.mlp.fc2", "a"), ("head", "w")]:
+        k = next(i for i, it in enumerate(items) if it.key == key)
+        feeds = {switches[k]: np.ones((3, 1), np.float32)}
+        starts.append(tails.start(feeds))
+        np.testing.assert_allclose(tails.run_rows(feeds, idx), sim.run(imgs[idx], feeds), rtol=1e-5, atol=1e-5)
+    assert 0 < starts[0] < starts[1] < starts[2]
