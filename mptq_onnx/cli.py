@@ -52,7 +52,9 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     rp = report_path or output.with_suffix(".report.json")
     calib_file = Path(calib) if Path(calib).is_file() else None
     # all output paths checked (and missing folders made) before the conversion, not after it
-    plan = plan_outputs({"input model": model_path, "--calib file": calib_file}, {"output": output, "report": rp},
+    plot = Path(cfg.frontier_plot) if cfg.frontier_plot else None
+    plan = plan_outputs({"input model": model_path, "--calib file": calib_file},
+                        {"output": output, "--frontier-plot": plot, "report": rp},
                         force, may_write={"external data": output.with_name(output.name + ".data")})
     pp = pp or get_preprocess(model if model is not None else load_model(model_path))
     t0 = time.perf_counter()
@@ -70,6 +72,11 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
                   "image_load_seconds": round(t_load, 3),
                   "total_seconds": round(time.perf_counter() - t0, 3), **ctx.report}
         report.pop("act_sizes", None)
+        if plot is not None:
+            from .plot import plot_frontier
+            st.write_bytes(plot, plot_frontier(ctx.report.get("frontier", []),
+                                               f"{model_path.name if model_path else 'embedded'}: {cfg.recipe}, "
+                                               f"target {cfg.target_bits:g} bits"))
         st.write_bytes(rp, json.dumps(report, indent=1, sort_keys=True, default=float).encode())
     print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) and {rp}", file=sys.stderr)
     return ctx, report
@@ -83,7 +90,9 @@ def _config(a):
                       image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
                       reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device,
                       recon_images=a.recon_images, recon_lr=a.recon_lr, recon_scale_lr=a.recon_scale_lr,
-                      recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator)
+                      recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator,
+                      frontier_plot=a.frontier_plot, patchwise=a.patchwise, patch_keep=a.patch_keep,
+                      patch_bits=a.patch_bits)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -178,6 +187,15 @@ def _add_quant_args(p):
     p.add_argument("--allocator", choices=["greedy", "pareto"], default="greedy",
                    help="mixed precision: greedy (MPTQ-ViT's Greedy MP) or pareto (PMQ: one-shot sensitivity and "
                         "the whole Pareto frontier, kept in the report); default greedy")
+    p.add_argument("--frontier-plot", metavar="PNG", default=None,
+                   help="--allocator pareto: draw the frontier, the chosen point and the measured KL at every whole "
+                        "bit into this PNG (needs matplotlib: the plot extra)")
+    p.add_argument("--patchwise", action="store_true",
+                   help="PMQ's patch-wise bits: in each attention·V MatMul, the key tokens with the least attention "
+                        "mass take --patch-bits, chosen in the graph per image")
+    p.add_argument("--patch-keep", type=float, default=0.5,
+                   help="--patchwise: share of the tokens that keep the site's width (default 0.5; 0 lowers them all)")
+    p.add_argument("--patch-bits", type=_bits, default=2, help="--patchwise: the other tokens' width (default 2)")
     p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None,
                    help="mixed-precision bit-widths (default 8 6 5 4, and 3 for a target below 5)")
     p.add_argument("--mp-images", type=int, default=16,

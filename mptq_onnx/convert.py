@@ -19,6 +19,7 @@ from .passes.optm import OptM
 from .passes.sqb import SmoothQuantBias
 from .passes.greedy_mp import GreedyMP
 from .passes.pareto import ParetoMP
+from .passes.patchwise import PatchWise
 from .passes.ias import IasActQuant, IasFold, IasWeights
 from .passes.qdq import WriteQDQ
 from .passes.reconstruct import KeepFloat, Reconstruct, require_torch
@@ -65,7 +66,9 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
             raise MptqError(f"--weight-rounding gptq needs a recipe that runs opt-m, not {cfg.recipe!r}")
         tail.append(GPTQRounding())  # after Greedy MP: it needs the final bit-widths
     if cfg.reconstruct:
-        tail.append(Reconstruct())  # last: trains the weights through the final quantizers
+        tail.append(Reconstruct())  # trains the weights through the final quantizers
+    if cfg.patchwise:
+        tail.append(PatchWise())  # per-token widths in attention·V, written by the QDQ pass
     return head + body + tail + [WriteQDQ()]
 
 

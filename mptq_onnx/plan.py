@@ -45,6 +45,10 @@ class QuantConfig:
     pmq_on: int = 1
     pmq_probe_bits: int | None = None  # width the PMQ metric measures at (None: the lowest candidate)
     pmq_measure_kl: bool = True       # measure the chosen allocation's KL (one evaluation, for the report)
+    frontier_plot: str | None = None  # PNG of the frontier (pareto allocator; needs matplotlib)
+    patchwise: bool = False           # PMQ's patch-wise bits inside attention (passes/patchwise.py)
+    patch_keep: float = 0.5           # share of key tokens that keep the site's width
+    patch_bits: int = 2               # width of the other tokens' attention·V operands
     mp_images: int = 16               # calibration images Greedy MP scores configurations on
     sqb_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     row_budget: int = 4096            # token rows kept per Linear input for the searches
@@ -125,6 +129,18 @@ class QuantConfig:
                 raise MptqError(f"bit-width candidates must lie in {lo}..{hi}, got {b}")
         if self.target_bits is not None and not lo <= self.target_bits <= hi:
             raise MptqError(f"--target-bits must lie in {lo}..{hi}, got {self.target_bits}")
+        if self.target_bits is not None and self.target_bits < min(self.candidates()):
+            c = self.candidates()
+            raise MptqError(f"--target-bits {self.target_bits:g} cannot be met: the candidate widths {' '.join(map(str, c))} "
+                            f"reach averages from {min(c)} to {max(c)} (add narrower ones with --mp-candidates)")
+        if self.frontier_plot is not None:
+            if self.target_bits is None or (self.allocator != "pareto" and self.recipe != "pmq"):
+                raise MptqError("--frontier-plot draws PMQ's frontier: give --target-bits with --allocator pareto "
+                                "(or --recipe pmq)")
+            from .plot import require_matplotlib
+            require_matplotlib()
+        if self.patchwise and not (0.0 <= self.patch_keep < 1.0 and lo <= self.patch_bits <= hi):
+            raise MptqError(f"--patch-keep must lie in [0, 1) and --patch-bits in {lo}..{hi}")
         if self.allocator not in ("greedy", "pareto"):
             raise MptqError(f"--allocator must be 'greedy' or 'pareto', got {self.allocator!r}")
         if self.pmq_masks < 1 or self.pmq_on < 1:
@@ -156,6 +172,17 @@ class QuantConfig:
 
 
 @dataclasses.dataclass
+class PatchSpec:
+    """Patch-wise bits of an attention·V MatMul (passes/patchwise.py): in each image, the
+    `low_tokens` key tokens with the least attention mass take `low` (one quantizer per input:
+    attention probabilities, V) instead of the site's own quantizers."""
+    low_tokens: int
+    tokens: int
+    low_bits: int
+    low: list[Quantizer]
+
+
+@dataclasses.dataclass
 class SitePlan:
     site: Site
     w_bits: int | None
@@ -163,6 +190,7 @@ class SitePlan:
     weight: Quantizer | None = None
     acts: list[Quantizer | None] = dataclasses.field(default_factory=list)
     methods: list[str] = dataclasses.field(default_factory=list)
+    patch: "PatchSpec | None" = None  # PMQ's patch-wise bits (an attention·V site only)
 
     def method_str(self) -> str:
         return "+".join(dict.fromkeys(self.methods)) or "uniform"

@@ -191,3 +191,83 @@ def test_probe_rows_from_their_block_equal_whole_graph_rows(uniform_ctx):
         starts.append(tails.start(feeds))
         np.testing.assert_allclose(tails.run_rows(feeds, idx), sim.run(imgs[idx], feeds), rtol=1e-5, atol=1e-5)
     assert 0 < starts[0] < starts[1] < starts[2]
+
+
+def test_target_below_the_candidates_is_refused_before_any_work(embedded_onnx, tmp_path, capsys):
+    rc = main(["convert", str(embedded_onnx), "--recipe", "mptq", "--target-bits", "2", "--calib",
+               str(embedded_calib_dir()), "--calib-size", "4", "-o", str(tmp_path / "q.onnx"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot be met" in err and "from 3 to 8" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_frontier_plot(embedded_onnx, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "q.onnx", tmp_path / "front.png"
+    args = ["convert", str(embedded_onnx), "--recipe", "pmq", "--target-bits", "6", "--mp-candidates", "8", "6", "4",
+            "--mp-images", "2", "--calib", str(embedded_calib_dir()), "--calib-size", "4", "-o", str(out),
+            "--frontier-plot", str(png), "-q"]
+    assert main(args) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    measured = [p["target"] for p in rep["frontier"] if "kl" in p]
+    assert measured == [4.0, 5.0, 6.0, 7.0, 8.0]  # every whole bit, the chosen one too
+    # an existing plot is not overwritten without --force, and nothing else is written then
+    out.unlink()
+    assert main(args) == 2 and "exists" in capsys.readouterr().err and not out.exists()
+    # the plot belongs to the pareto allocator
+    assert main(["convert", str(embedded_onnx), "--recipe", "mptq", "--target-bits", "5", "--calib",
+                 str(embedded_calib_dir()), "--frontier-plot", str(tmp_path / "x.png")]) == 2
+
+
+def test_patchwise_subgraph_equals_numpy():
+    """The patch-wise attention·V operands equal a numpy reference on random attention."""
+    from mptq_onnx.passes.patchwise import emit_patchwise
+    from mptq_onnx.plan import PatchSpec
+    from mptq_onnx.quantizers import log2_quantizer, uniform_from_range
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    b, h, t, d = 3, 2, 9, 4
+    logits = rng.standard_normal((b, h, t, t)).astype(np.float32) * 2
+    attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    v = rng.standard_normal((b, h, t, d)).astype(np.float32)
+    hi = [log2_quantizer(1.0, 4), uniform_from_range(-2.5, 2.5, 5)]  # not INT4: opset 17 has none
+    lo = [uniform_from_range(0.0, 1.0, 2), uniform_from_range(-2.5, 2.5, 2)]
+    spec = PatchSpec(4, t, 2, lo)
+    for ver in (17, 21):
+        g = helper.make_graph([helper.make_node("MatMul", ["attn", "v"], ["y"], name="av")], "g",
+                              [helper.make_tensor_value_info("attn", TensorProto.FLOAT, [None, h, t, t]),
+                               helper.make_tensor_value_info("v", TensorProto.FLOAT, [None, h, t, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, h, t, d])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", ver)])
+        ed = Editor(m, "qdq")
+        a2, v2 = emit_patchwise(ed, "av", "attn", "v", hi, spec, "p", ver)
+        ed.use("av", 0, a2)
+        ed.use("av", 1, v2)
+        out = ed.finish()
+        onnx.checker.check_model(out)
+        got = session(out).run(None, {"attn": attn, "v": v})[0]
+        mass = attn.mean(axis=(1, 2))                                   # [b, t]
+        low = mass <= np.sort(mass, axis=1)[:, 3:4]                      # the 4 smallest
+        assert np.all(low.sum(1) == 4)
+        aq = np.where(low[:, None, None, :], fake_quant(attn, lo[0]), fake_quant(attn, hi[0]))
+        vq = np.where(low[:, None, :, None], fake_quant(v, lo[1]), fake_quant(v, hi[1]))
+        np.testing.assert_allclose(got, aq @ vq, rtol=1e-5, atol=1e-6)
+
+
+def test_patchwise_end_to_end(embedded_onnx, tmp_path):
+    out = tmp_path / "q.onnx"
+    rc = main(["convert", str(embedded_onnx), "--recipe", "uniform", "--wbits", "4", "--abits", "4", "--patchwise",
+               "--calib", str(embedded_calib_dir()), "--calib-size", "8", "-o", str(out), "-q"])
+    assert rc == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    pw = rep["patchwise"]
+    assert pw["sites"] == 12 and pw["low_bits"] == 2
+    # attention·V at half 4-bit, half 2-bit tokens: (16 + 0.5·16 + 0.5·4) / 32 of the attention BOPs
+    assert 0.18 < pw["attention_gbops_saved"] < 0.20
+    av = [r for r in rep["layers"] if r["role"] == "av"]
+    assert all(r["patch"]["low_tokens"] == 32 and r["patch"]["tokens"] == 65 for r in av)
+    m = onnx.load(out)
+    node = next(n for n in m.graph.node if n.name.endswith("attn_v") or any(p.key == "mptq.patchwise" for p in n.metadata_props))
+    assert any(p.key == "mptq.patchwise" for p in node.metadata_props)
+    assert sum(n.op_type == "TopK" for n in m.graph.node) == 12

@@ -30,11 +30,13 @@ def label(c: str) -> str:
     if c in NAMES:
         return NAMES[c]
     recipe, b, *mods = c.split(":")
-    extra = [m for m in mods if m not in ("img=abits", "recon") and not _is_default(m)]
+    pareto = "allocator=pareto" in mods
+    extra = [m for m in mods if m not in ("img=abits", "recon", "allocator=pareto") and not _is_default(m)]
     suffix = ((" + reconstruction" if "recon" in mods else "") + (f" (image input at A{b})" if "img=abits" in mods else "")
               + (f" ({', '.join(extra)})" if extra else ""))
     if recipe.endswith("-mp"):
-        return f"mptq-onnx {recipe[:-3]} + Greedy MP, target {b} bits{suffix}"
+        alloc = "PMQ's Pareto allocation" if pareto else "Greedy MP"
+        return f"mptq-onnx {recipe[:-3]} + {alloc}, target {b} bits{suffix}"
     return f"mptq-onnx {recipe} W{b}A{b}{suffix}"
 
 

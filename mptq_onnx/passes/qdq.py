@@ -46,6 +46,9 @@ def site_metadata(p: SitePlan) -> dict[str, str]:
     for label, a, q in zip(input_labels(p.site.role, len(p.site.inputs)), p.site.inputs, p.acts):
         v = q.describe() if q is not None else "float"
         meta[f"mptq.act.{label}"] = v if a.kind == "general" else f"{v} ({a.kind})"
+    if p.patch is not None:
+        meta["mptq.patchwise"] = (f"{p.patch.low_tokens} of {p.patch.tokens} key tokens (least attention mass) at "
+                                  f"{p.patch.low_bits} bits: " + "; ".join(q.describe() for q in p.patch.low))
     return meta
 
 
@@ -61,6 +64,14 @@ def write_plan(model: onnx.ModelProto, plan: dict[str, SitePlan], mode: str = "q
         s = p.site
         node = nodes[s.node]
         base = "q_" + s.name.replace(".", "_").replace("@", "_")
+        if p.patch is not None:  # PMQ's per-token widths on both operands (passes/patchwise.py)
+            from .patchwise import emit_patchwise, opset
+            attn, v = emit_patchwise(ed, s.node, s.inputs[0].tensor, s.inputs[1].tensor, p.acts, p.patch, base,
+                                     opset(model), feed)
+            ed.use(s.node, list(node.input).index(s.inputs[0].tensor), attn)
+            ed.use(s.node, list(node.input).index(s.inputs[1].tensor), v)
+            ed.annotate(s.node, site_metadata(p))
+            continue
         for i, (a, q) in enumerate(zip(s.inputs, p.acts)):
             if q is None:
                 continue
@@ -84,6 +95,9 @@ def plan_table(plan: dict[str, SitePlan]) -> list[dict]:
                      "params": p.site.n_params, "method": p.method_str(),
                      "weight": p.weight.to_json() if p.weight is not None else None,
                      "acts": [q.to_json() if q is not None else None for q in p.acts]})
+        if p.patch is not None:
+            rows[-1]["patch"] = {"low_tokens": p.patch.low_tokens, "tokens": p.patch.tokens,
+                                 "low_bits": p.patch.low_bits, "low": [q.to_json() for q in p.patch.low]}
     return rows
 
 
@@ -107,6 +121,9 @@ class WriteQDQ(Pass):
     name = "qdq"
 
     def __call__(self, ctx: Context) -> PassResult:
+        if ctx.calib is not None:  # before the weights become integers
+            from .pareto import model_gbops
+            ctx.report["gbops"] = round(model_gbops(ctx), 5)
         ctx.model, _ = write_plan(ctx.model, ctx.plan, "qdq", inplace=True)
         ctx.materialized = True
         ctx.invalidate()
@@ -117,6 +134,7 @@ class WriteQDQ(Pass):
         set_metadata(ctx.model, METADATA_KEY, json.dumps(summary, sort_keys=True))
         ctx.report["layers"] = table
         ctx.report["avg_w_bits"], ctx.report["avg_a_bits"] = round(wb, 3), round(ab, 3)
+
         n_q = sum(n.op_type == "QuantizeLinear" for n in ctx.model.graph.node)
         n_dq = sum(n.op_type == "DequantizeLinear" for n in ctx.model.graph.node)
         return PassResult(ctx, True, f"{n_q} QuantizeLinear, {n_dq} DequantizeLinear; "
