@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -92,7 +93,7 @@ def _config(a):
                       recon_images=a.recon_images, recon_lr=a.recon_lr, recon_scale_lr=a.recon_scale_lr,
                       recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator,
                       frontier_plot=a.frontier_plot, patchwise=a.patchwise, patch_keep=a.patch_keep,
-                      patch_bits=a.patch_bits)
+                      patch_bits=a.patch_bits, patch_score=a.patch_score)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -184,9 +185,9 @@ def _add_quant_args(p):
     p.add_argument("--abits", type=_bits, default=8, help="activation bits, 2-8 (default 8)")
     p.add_argument("--target-bits", type=float, default=None,
                    help="mixed precision: average bit-width for weights and activations (e.g. 5)")
-    p.add_argument("--allocator", choices=["greedy", "pareto"], default="greedy",
-                   help="mixed precision: greedy (MPTQ-ViT's Greedy MP) or pareto (PMQ: one-shot sensitivity and "
-                        "the whole Pareto frontier, kept in the report); default greedy")
+    p.add_argument("--allocator", choices=["pareto", "greedy"], default="pareto",
+                   help="mixed precision: pareto (PMQ: one-shot sensitivity and the whole Pareto frontier, kept in "
+                        "the report; default) or greedy (MPTQ-ViT's Greedy MP)")
     p.add_argument("--frontier-plot", metavar="PNG", default=None,
                    help="--allocator pareto: draw the frontier, the chosen point and the measured KL at every whole "
                         "bit into this PNG (needs matplotlib: the plot extra)")
@@ -196,6 +197,9 @@ def _add_quant_args(p):
     p.add_argument("--patch-keep", type=float, default=0.5,
                    help="--patchwise: share of the tokens that keep the site's width (default 0.5; 0 lowers them all)")
     p.add_argument("--patch-bits", type=_bits, default=2, help="--patchwise: the other tokens' width (default 2)")
+    p.add_argument("--patch-score", choices=["mass", "cls"], default="mass",
+                   help="--patchwise: rank tokens by attention mass (mean over heads and queries; default) or by "
+                        "the class token's attention (ViT/DeiT)")
     p.add_argument("--mp-candidates", type=_bits, nargs="+", default=None,
                    help="mixed-precision bit-widths (default 8 6 5 4, and 3 for a target below 5)")
     p.add_argument("--mp-images", type=int, default=16,
@@ -349,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mptq-onnx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, as Unix tools do; stdout is pointed at
+        # devnull so that Python's own flush at exit does not raise a second time
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool ended by a broken pipe
 
 
 if __name__ == "__main__":

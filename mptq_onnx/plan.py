@@ -38,17 +38,18 @@ class QuantConfig:
     # Greedy MP measuring sensitivities at 5 and 4 bits rather than 4 and 3 lowered the final KL on
     # tin_calib (deit 0.0127 -> 0.0118, swin 0.0049 -> 0.0048)
     mp_candidates: tuple[int, ...] | None = None
-    allocator: str = "greedy"         # greedy (MPTQ-ViT's Greedy MP) | pareto (PMQ: passes/pareto.py)
+    # pareto (PMQ: passes/pareto.py) | greedy (MPTQ-ViT's Greedy MP). pareto measured as well as greedy
+    # on tin_val_dev at a 5-bit target (deit +0.00 points, swin +0.06) and at 4 (deit +0.36), in
+    # less search time, with the whole frontier in the report (docs/results.md#pmq)
+    allocator: str = "pareto"
     pmq_masks: int = 32               # random configurations per image the PMQ metric scores
-    # quantizers switched on together in each: 1 ranked best against Greedy MP's measurements on
-    # the embedded model (Spearman 0.81 at 4 bits; 2 of 98: 0.69, 10 of 98: 0.26; tools/pmq_rank.py)
-    pmq_on: int = 1
     pmq_probe_bits: int | None = None  # width the PMQ metric measures at (None: the lowest candidate)
     pmq_measure_kl: bool = True       # measure the chosen allocation's KL (one evaluation, for the report)
     frontier_plot: str | None = None  # PNG of the frontier (pareto allocator; needs matplotlib)
     patchwise: bool = False           # PMQ's patch-wise bits inside attention (passes/patchwise.py)
     patch_keep: float = 0.5           # share of key tokens that keep the site's width
     patch_bits: int = 2               # width of the other tokens' attention·V operands
+    patch_score: str = "mass"         # mass | cls: what ranks the tokens (passes/patchwise.py)
     mp_images: int = 16               # calibration images Greedy MP scores configurations on
     sqb_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     row_budget: int = 4096            # token rows kept per Linear input for the searches
@@ -141,10 +142,12 @@ class QuantConfig:
             require_matplotlib()
         if self.patchwise and not (0.0 <= self.patch_keep < 1.0 and lo <= self.patch_bits <= hi):
             raise MptqError(f"--patch-keep must lie in [0, 1) and --patch-bits in {lo}..{hi}")
+        if self.patch_score not in ("mass", "cls"):
+            raise MptqError(f"--patch-score must be 'mass' or 'cls', got {self.patch_score!r}")
         if self.allocator not in ("greedy", "pareto"):
             raise MptqError(f"--allocator must be 'greedy' or 'pareto', got {self.allocator!r}")
-        if self.pmq_masks < 1 or self.pmq_on < 1:
-            raise MptqError("the PMQ metric needs at least one mask per image and one quantizer on in each")
+        if self.pmq_masks < 1:
+            raise MptqError("the PMQ metric needs at least one configuration per image")
         if self.mp_images < 1:
             raise MptqError(f"--mp-images must be at least 1, got {self.mp_images}")
         if self.calib_size < 1:
@@ -180,6 +183,7 @@ class PatchSpec:
     tokens: int
     low_bits: int
     low: list[Quantizer]
+    score: str = "mass"  # mass: mean attention over heads and queries; cls: the class token's row
 
 
 @dataclasses.dataclass

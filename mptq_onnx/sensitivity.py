@@ -76,27 +76,14 @@ def noise_energy(ctx, prov, site, typ: str, bits: int) -> float | None:
 
 
 def build_probe(model: onnx.ModelProto, items: list[Item], prov, probe_bits: int, weights) -> tuple[onnx.ModelProto, list[str]]:
-    """The float model with every item's error at `probe_bits` behind a per-image switch: one
-    graph input per item, [N, 1], default 0 (off); returns the model and those inputs' names.
+    """The float model with every item's error at `probe_bits` behind a switch: one graph input
+    per item, [1, 1], default 0 (off); returns the model and those inputs' names. An input is
+    x + s·(Q(x) − x), a weight W + s·ΔW: a switched weight is computed once per run, not per
+    image, and depends on no activation, so the cuts between blocks stay cuts (TailScorer).
     `weights(name)` reads an initializer."""
     ed = Editor(model, "sim")
-    g = model.graph
-    nodes = {n.name: n for n in g.node}
+    nodes = {n.name: n for n in model.graph.node}
     switches = [ed.const(f"pmq_on_{k}", np.zeros((1, 1), np.float32), feed=True) for k in range(len(items))]
-    minus1 = ed.const("pmq_minus1", np.array([-1], np.int64))
-
-    def switched(at: str, delta: str, k: int, base: str) -> str:
-        # [N, -1], N from the switch itself (1 when it is not fed): flattens any tensor whose
-        # leading axis runs over images first (Swin's windows too), and depends on no activation,
-        # so the cuts between blocks stay cuts (simulate.TailScorer)
-        n = ed.node(at, "Shape", [switches[k]], base + "_n", start=0, end=1)
-        flat = ed.node(at, "Concat", [n, minus1], base + "_fshape", axis=0)
-        d = ed.node(at, "Reshape", [delta, flat], base + "_flat")
-        d = ed.node(at, "Mul", [d, switches[k]], base + "_on")
-        return ed.node(at, "Reshape", [d, ed.node(at, "Shape", [delta], base + "_shape")], base + "_back")
-
-    rewire: dict[str, dict[int, str]] = {}
-    after: dict[str, list] = {}
     for k, it in enumerate(items):
         s = it.site
         base = f"pmq_{s.name}_{it.key[1]}".replace(".", "_").replace("@", "_")
@@ -107,50 +94,14 @@ def build_probe(model: onnx.ModelProto, items: list[Item], prov, probe_bits: int
                     continue
                 y, _ = ed.act(s.node, a.tensor, q, f"{base}{i}")
                 d = ed.node(s.node, "Sub", [y, a.tensor], f"{base}{i}_err")
-                y2 = ed.node(s.node, "Add", [a.tensor, switched(s.node, d, k, f"{base}{i}")], f"{base}{i}_x")
-                rewire.setdefault(s.node, {})[list(node.input).index(a.tensor)] = y2
+                d = ed.node(s.node, "Mul", [d, switches[k]], f"{base}{i}_on")
+                ed.use(s.node, list(node.input).index(a.tensor), ed.node(s.node, "Add", [a.tensor, d], f"{base}{i}_x"))
         else:
             w = weights(s.weight)
-            dw = fake_quant(w, prov.weight(s, probe_bits)) - w
-            after[s.node] = (k, list(node.input).index(s.weight), ed.const(base + "_dw", dw.astype(np.float32)), base)
-    # a weight's error: the node again on its (switched) inputs with ΔW, added to its output
-    out_nodes = []
-    post: dict[str, tuple] = {}
-    for n in g.node:
-        if n.name not in after:
-            continue
-        k, wi, dw, base = after[n.name]
-        ins = [rewire.get(n.name, {}).get(i, t) for i, t in enumerate(n.input)]
-        ins[wi] = dw
-        if n.op_type in ("Gemm", "Conv"):
-            ins = ins[:2]  # the bias is in the node's own output already
-        err = ed.name(base + "_err")
-        op = helper.make_node(n.op_type, ins, [err], name=ed.name(base + "_err_op"), domain=n.domain)
-        op.attribute.extend(n.attribute)
-        at = "__post__" + n.name
-        raw = ed.name(n.output[0] + "_pmq_raw")
-        ed.node(at, "Add", [raw, switched(at, err, k, base)], base + "_y")
-        post[n.name] = (raw, op)
-    for n in g.node:
-        out_nodes += ed.before.get(n.name, [])
-        for i, t in rewire.get(n.name, {}).items():
-            n.input[i] = t
-        if n.name in post:
-            raw, op = post[n.name]
-            y = n.output[0]
-            n.output[0] = raw
-            out_nodes += [n, op]
-            tail = ed.before.get("__post__" + n.name, [])
-            tail[-1].output[0] = y  # the last Add writes the node's original output
-            out_nodes += tail
-        else:
-            out_nodes.append(n)
-    del g.node[:]
-    g.node.extend(out_nodes)
-    g.initializer.extend(ed.inits)
-    for name in switches:  # fed per row: [N, 1]
-        g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 1]))
-    return model, switches
+            dw = ed.const(base + "_dw", (fake_quant(w, prov.weight(s, probe_bits)) - w).astype(np.float32))
+            d = ed.node(s.node, "Mul", [dw, switches[k]], base + "_on")
+            ed.use(s.node, list(node.input).index(s.weight), ed.node(s.node, "Add", [s.weight, d], base + "_w"))
+    return ed.finish(inplace=True), switches
 
 
 class _ProbeSim:
@@ -163,8 +114,7 @@ class _ProbeSim:
         self.out_name = model.graph.output[0].name
 
     def run(self, images: np.ndarray, feeds: dict, batch: int = 64) -> np.ndarray:
-        return np.concatenate([self.sess.run([self.out_name], {self.in_name: images[i:i + batch],
-                                                               **{k: v[i:i + batch] for k, v in feeds.items()}})[0]
+        return np.concatenate([self.sess.run([self.out_name], {self.in_name: images[i:i + batch], **feeds})[0]
                                for i in range(0, len(images), batch)])
 
 
@@ -177,18 +127,13 @@ def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(axis=1)
 
 
-def probe_masks(n_rows: int, k: int, on: int, seed: int) -> np.ndarray:
-    """0/1 switches, `on` of them in each row. With one on, every quantizer in turn, in a new
-    random order each round (each meets about n_rows / k images)."""
+def probe_masks(n_rows: int, k: int, seed: int) -> np.ndarray:
+    """0/1 switches, one on in each row: every quantizer in turn, in a new random order each round
+    (each meets about n_rows / k images)."""
     rng = np.random.default_rng([seed, 20230511])
-    on = min(max(1, on), k)
+    order = np.concatenate([rng.permutation(k) for _ in range(-(-n_rows // k))])[:n_rows]
     m = np.zeros((n_rows, k), np.float32)
-    if on == 1:
-        order = np.concatenate([rng.permutation(k) for _ in range(-(-n_rows // k))])[:n_rows]
-        m[np.arange(n_rows), order] = 1.0
-        return m
-    for r in range(n_rows):
-        m[r, rng.choice(k, on, replace=False)] = 1.0
+    m[np.arange(n_rows), order] = 1.0
     return m
 
 
@@ -198,8 +143,8 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bits: int, images: np.ndarray,
-                       ref_logits: np.ndarray, masks_per_image: int, on: int = 1, batch: int = 64,
-                       progress: bool = False, per_image: bool = True) -> Sensitivity:
+                       ref_logits: np.ndarray, masks_per_image: int, progress: bool = False,
+                       per_image: bool = True) -> Sensitivity:
     """Ω for every item and candidate width (see the module doc)."""
     from tqdm import tqdm
     t0 = time.perf_counter()
@@ -208,36 +153,22 @@ def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bit
     probe, switches = build_probe(model, items, prov, probe_bits, ctx.weight)
     n = len(images)
     rows = n * masks_per_image
-    masks = probe_masks(rows, len(items), on, ctx.config.seed)
+    masks = probe_masks(rows, len(items), ctx.config.seed)
     img_of = np.arange(rows) % n
     kl = np.empty(rows)
-    sim = _ProbeSim(probe)
-    runs = 0
-    if on == 1:
-        # one quantizer per row: nothing before its block is switched on, so its rows run from the
-        # cut before that block on the float activations there, computed once (simulate.TailScorer)
-        from .simulate import TailScorer
-        tails = TailScorer(sim, images, {})
-        work = []
-        for k in range(len(items)):
-            r = np.flatnonzero(masks[:, k])
-            if len(r):
-                work.append((k, r, {switches[k]: np.ones((1, 1), np.float32)}))
-        tails.prepare([f for _, _, f in work])
-        work.sort(key=lambda w: tails.start(w[2]))  # one tail session at a time
-        for k, r, f in tqdm(work, desc="pmq: sensitivity", disable=not progress, leave=False):
-            idx = img_of[r]
-            feeds = {switches[k]: np.ones((len(idx), 1), np.float32)}
-            kl[r] = kl_rows(ref_logits[idx], tails.run_rows(feeds, idx))
-            runs += 1
-        del tails
-    else:
-        for s in tqdm(range(0, rows, batch), desc="pmq: sensitivity", disable=not progress, leave=False):
-            idx = img_of[s:s + batch]
-            feeds = {sw: masks[s:s + batch, k:k + 1] for k, sw in enumerate(switches)}
-            kl[s:s + batch] = kl_rows(ref_logits[idx], sim.run(images[idx], feeds))
-            runs += 1
-    del sim, probe
+    # one quantizer per row: nothing before its block is switched on, so its rows run from the
+    # cut before that block on the float activations there, computed once (simulate.TailScorer)
+    from .simulate import TailScorer
+    tails = TailScorer(_ProbeSim(probe), images, {})
+    on = np.ones((1, 1), np.float32)
+    work = [(k, np.flatnonzero(masks[:, k]), {switches[k]: on}) for k in range(len(items))]
+    work = [w for w in work if len(w[1])]
+    tails.prepare([f for _, _, f in work])
+    work.sort(key=lambda w: tails.start(w[2]))  # one tail session at a time
+    for k, r, f in tqdm(work, desc="pmq: sensitivity", disable=not progress, leave=False):
+        kl[r] = kl_rows(ref_logits[img_of[r]], tails.run_rows(f, img_of[r]))
+    runs = len(work)
+    del tails, probe
     y = kl
     if per_image:  # images differ in how much any error moves them: each image's rows to its mean
         img_mean = np.bincount(img_of, kl, minlength=n) / np.bincount(img_of, minlength=n)

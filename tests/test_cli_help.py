@@ -84,3 +84,18 @@ def test_convert_defaults_are_the_library_defaults():
     lib = QuantConfig()
     differ = {f.name for f in dataclasses.fields(QuantConfig) if getattr(cfg, f.name) != getattr(lib, f.name)}
     assert differ <= {"recon_images"}, differ
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path):
+    """`mptq-onnx inspect model | head -1` ends without a traceback (issue 25)."""
+    import subprocess
+    import sys
+    from mptq_onnx.embedded import load_embedded_model
+    from mptq_onnx.modelio import save_model
+    m = save_model(load_embedded_model(), tmp_path / "m.onnx")
+    for reader in ("head -1", "true"):  # `true` has closed the pipe before the tool writes its first line
+        cmd = f"'{sys.executable}' -m mptq_onnx inspect '{m}' | {reader}"
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+        assert len(r.stdout.splitlines()) == (1 if reader.startswith("head") else 0)
+        assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+        assert r.returncode in (0, 141)

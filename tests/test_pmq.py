@@ -61,12 +61,11 @@ def test_frontier_equals_brute_force(seed):
 
 
 def test_probe_masks_rotate_single_quantizers():
-    m = probe_masks(50, 7, 1, seed=0)
+    m = probe_masks(50, 7, seed=0)
     assert m.shape == (50, 7) and np.all(m.sum(1) == 1)
     counts = m.sum(0)
     assert counts.max() - counts.min() <= 1  # every quantizer in turn
-    m3 = probe_masks(20, 7, 3, seed=0)
-    assert np.all(m3.sum(1) == 3)
+    assert np.array_equal(m, probe_masks(50, 7, seed=0)) and not np.array_equal(m, probe_masks(50, 7, seed=1))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,7 @@ def uniform_ctx():
 
 
 def test_probe_switches_each_image_alone(uniform_ctx):
-    """Row by row, the probe graph equals the float model with just that row's quantizers on:
+    """The probe graph equals the float model with just the switched quantizer on:
     a weight (W replaced by its fake-quantized values) and an activation (fake-quant before the node)."""
     ctx = uniform_ctx
     prov = UniformProvider(ctx)
@@ -90,13 +89,10 @@ def test_probe_switches_each_image_alone(uniform_ctx):
     ka = next(i for i, it in enumerate(items) if it.key == ("blocks.5.attn.q@k", "a"))
     probe, switches = build_probe(copy.deepcopy(ctx.model), items, prov, 3, ctx.weight)
     x = ctx.calib_images[:3]
-    on_w, on_a = np.zeros((3, 1), np.float32), np.zeros((3, 1), np.float32)
-    on_w[1], on_a[2] = 1.0, 1.0
     s = session(probe)
-    got = s.run(None, {s.get_inputs()[0].name: x, switches[kw]: on_w, switches[ka]: on_a})[0]
-    # a switch not fed is off for every image
-    np.testing.assert_allclose(s.run(None, {s.get_inputs()[0].name: x})[0], _run(ctx.model, x), rtol=1e-5, atol=1e-5)
-
+    on = np.ones((1, 1), np.float32)
+    got = np.stack([s.run(None, {s.get_inputs()[0].name: x[i:i + 1], **f})[0][0]
+                    for i, f in enumerate([{}, {switches[kw]: on}, {switches[ka]: on}])])
     run = _run
     ref_float = run(ctx.model, x)
     np.testing.assert_allclose(got[0], ref_float[0], rtol=1e-5, atol=1e-5)  # all off: float
@@ -187,7 +183,7 @@ def test_probe_rows_from_their_block_equal_whole_graph_rows(uniform_ctx):
     starts = []
     for key in [("blocks.1.attn.qkv", "w"), ("blocks.7.mlp.fc2", "a"), ("head", "w")]:
         k = next(i for i, it in enumerate(items) if it.key == key)
-        feeds = {switches[k]: np.ones((3, 1), np.float32)}
+        feeds = {switches[k]: np.ones((1, 1), np.float32)}
         starts.append(tails.start(feeds))
         np.testing.assert_allclose(tails.run_rows(feeds, idx), sim.run(imgs[idx], feeds), rtol=1e-5, atol=1e-5)
     assert 0 < starts[0] < starts[1] < starts[2]
@@ -233,8 +229,8 @@ def test_patchwise_subgraph_equals_numpy():
     v = rng.standard_normal((b, h, t, d)).astype(np.float32)
     hi = [log2_quantizer(1.0, 4), uniform_from_range(-2.5, 2.5, 5)]  # not INT4: opset 17 has none
     lo = [uniform_from_range(0.0, 1.0, 2), uniform_from_range(-2.5, 2.5, 2)]
-    spec = PatchSpec(4, t, 2, lo)
-    for ver in (17, 21):
+    for ver, score in ((17, "mass"), (21, "mass"), (21, "cls")):
+        spec = PatchSpec(4, t, 2, lo, score)
         g = helper.make_graph([helper.make_node("MatMul", ["attn", "v"], ["y"], name="av")], "g",
                               [helper.make_tensor_value_info("attn", TensorProto.FLOAT, [None, h, t, t]),
                                helper.make_tensor_value_info("v", TensorProto.FLOAT, [None, h, t, d])],
@@ -247,7 +243,7 @@ def test_patchwise_subgraph_equals_numpy():
         out = ed.finish()
         onnx.checker.check_model(out)
         got = session(out).run(None, {"attn": attn, "v": v})[0]
-        mass = attn.mean(axis=(1, 2))                                   # [b, t]
+        mass = attn.mean(axis=(1, 2)) if score == "mass" else attn[:, :, 0, :].mean(axis=1)  # [b, t]
         low = mass <= np.sort(mass, axis=1)[:, 3:4]                      # the 4 smallest
         assert np.all(low.sum(1) == 4)
         aq = np.where(low[:, None, None, :], fake_quant(attn, lo[0]), fake_quant(attn, hi[0]))

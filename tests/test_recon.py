@@ -269,7 +269,8 @@ def test_greedy_mp_then_reconstruction(embedded_onnx, tmp_path):
     through those mixed-width quantizers; the file keeps Greedy MP's widths. (The uniform recipe
     for time: with mptq the same tail runs after OPT-m's searches at every candidate width.)"""
     out = tmp_path / "q.onnx"
-    rc = main(["convert", str(embedded_onnx), "--recipe", "uniform", "--target-bits", "6", "--mp-candidates", "8", "4",
+    rc = main(["convert", str(embedded_onnx), "--recipe", "uniform", "--target-bits", "6", "--allocator", "greedy",
+               "--mp-candidates", "8", "4",
                "--mp-images", "2", "--reconstruct", "--iters", "3", "--recon-batch", "8", "--calib",
                str(embedded_calib_dir()), "--calib-size", "8", "--recon-images", "16", "-o", str(out), "-q"])
     assert rc == 0 and out.exists()

@@ -74,6 +74,12 @@ def main(argv=None) -> int:
             save_model(ctx.model, qpath, force=True)
             secs = time.perf_counter() - t
             row["passes"] = {p["pass"]: p["seconds"] for p in ctx.report["passes"]}
+            if "gbops" in ctx.report:
+                row["gbops"] = ctx.report["gbops"]
+            if "patchwise" in ctx.report:
+                row["attention_gbops_saved"] = ctx.report["patchwise"]["attention_gbops_saved"]
+            if "pareto_mp" in ctx.report:
+                row["pmq_metric_seconds"] = ctx.report["pareto_mp"]["metric_seconds"]
             row["avg_w_bits"], row["avg_a_bits"] = ctx.report["avg_w_bits"], ctx.report["avg_a_bits"]
         row["convert_seconds"] = round(secs, 2)
         r = evaluate(qpath, val, limit=a.limit, progress=False)

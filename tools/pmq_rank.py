@@ -8,7 +8,7 @@ Runs the recipe's passes up to the allocator once, then the PMQ metric (each --v
 Greedy MP (which records its measured costs), all on the same calibration images. Prints and
 stores, per variant: seconds, onnxruntime runs, the fit's R², and the Spearman correlation of
 Ω at the lowest measured width with Greedy MP's measured cost there (weights and activations
-together, and each alone). Variants: masks=N, on=N (quantizers on per row), probe=B, norm=image|none (comma-separated KEY=VALUE).
+together, and each alone). Variants: masks=N, probe=B, norm=image|none (comma-separated KEY=VALUE).
 """
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ def main(argv=None) -> int:
     sens = {}
     for v in a.variant:
         kw = dict(x.split("=") for x in v.split(",") if "=" in x)
-        masks, on = int(kw.get("masks", cfg.pmq_masks)), int(kw.get("on", cfg.pmq_on))
+        masks = int(kw.get("masks", cfg.pmq_masks))
         probe = int(kw.get("probe", min(cands)))
-        s = global_sensitivity(ctx, prov, items, cands, probe, imgs, ref, masks, on,
+        s = global_sensitivity(ctx, prov, items, cands, probe, imgs, ref, masks,
                                per_image=kw.get("norm", "image") == "image")
         sens[v] = (s, probe)
         print(f"{v}: {s.seconds:.1f}s, {s.runs} runs, {s.rows} rows, R2 {s.fit_r2:.3f}", file=sys.stderr)

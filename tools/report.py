@@ -23,12 +23,26 @@ from tools.table import label, order  # noqa: E402
 RUNS = REPO / "docs" / "runs"
 RESULTS_MD, README, PLOT = REPO / "docs" / "results.md", REPO / "README.md", REPO / "docs" / "results.png"
 RECON = "recon_images=512:recon_scale_lr=3e-3"  # the CLI's reconstruction defaults, as the run files spell them
-SUMMARY = ["float", "ort:8:MinMax", "ort:4:MinMax", "uniform:8", "mptq:6", "mptq-mp:5", "mptq-mp:5:allocator=pareto",
-           "mptq-mp:4:allocator=pareto", "uniform:4", "mptq:4",
+SUMMARY = ["float", "ort:8:MinMax", "ort:4:MinMax", "uniform:8", "mptq:6", "mptq-mp:5:allocator=greedy",
+           "mptq-mp:5:allocator=pareto", "mptq-mp:4:allocator=pareto", "uniform:4", "mptq:4",
            f"mptq:4:recon:{RECON}", f"ias:4:{RECON}"]
 MARK = {"results": ("<!-- results:begin (tools/report.py) -->", "<!-- results:end -->"),
         "summary": ("<!-- summary:begin (tools/report.py) -->", "<!-- summary:end -->"),
-        "ablation": ("<!-- ablation:begin (tools/report.py) -->", "<!-- ablation:end -->")}
+        "ablation": ("<!-- ablation:begin (tools/report.py) -->", "<!-- ablation:end -->"),
+        "pmq": ("<!-- pmq:begin (tools/report.py) -->", "<!-- pmq:end -->")}
+# issue 22's comparisons: (what, config, the config it is paired against)
+PMQ_PAIRS = [("PMQ's Pareto allocation against Greedy MP, target 5", "mptq-mp:5:allocator=pareto",
+              "mptq-mp:5:allocator=greedy"),
+             ("Greedy MP, target 4 (widths 3-8), against fixed W4A4", "mptq-mp:4:allocator=greedy", "mptq:4"),
+             ("PMQ's Pareto allocation, target 4 (widths 3-8), against fixed W4A4", "mptq-mp:4:allocator=pareto", "mptq:4"),
+             ("PMQ's Pareto allocation against Greedy MP, target 4", "mptq-mp:4:allocator=pareto",
+              "mptq-mp:4:allocator=greedy"),
+             ("patch-wise, half the tokens at 2 bits in attention·V, against W4A4", "mptq:4:patchwise=1", "mptq:4"),
+             ("patch-wise, half the tokens at 3 bits, against W4A4", "mptq:4:patchwise=1:patch_bits=3", "mptq:4"),
+             ("every token at 3 bits in attention·V, against W4A4", "mptq:4:patchwise=1:patch_bits=3:patch_keep=0.0",
+              "mptq:4"),
+             ("patch-wise (half at 2 bits) against every token at 3 bits", "mptq:4:patchwise=1",
+              "mptq:4:patchwise=1:patch_bits=3:patch_keep=0.0")]
 _IAS = "ias:{b}:" + RECON
 ABLATION_ONLY = ("ias_stages=", "softmax_quantizer=", "recon_loss=", "recon_float_first=")  # rows the plot leaves out
 # issue 15's ablation, each step against the row above it (a missing row is skipped)
@@ -125,6 +139,36 @@ def ablation_table(cards: dict[str, list[dict]]) -> str:
     return "\n".join(out)
 
 
+def pmq_tables(cards: dict[str, list[dict]]) -> str:
+    """Issue 22's paired comparisons from the run files, and the metric's rank runs (docs/runs/pmq)."""
+    from tools.paired import compare, hits
+    out = ["| model | comparison | top-1 | vs | points (95% interval), p | attention GBOPs saved |",
+           "|---|---|---|---|---|---|"]
+    for card, rows in cards.items():
+        by = {r["config"]: r for r in rows}
+        for what, a, b in PMQ_PAIRS:
+            if a not in by or b not in by or "hits" not in by[a] or "hits" not in by[b]:
+                continue
+            c = compare(hits(by[b]), hits(by[a]))
+            lo, hi = c["ci95"]
+            saved = by[a].get("attention_gbops_saved")
+            out.append(f"| {card} | {what} (`{a}` vs `{b}`) | {by[a]['top1']:.4f} | {by[b]['top1']:.4f} | "
+                       f"{100 * c['diff']:+.2f} ({100 * lo:+.2f} to {100 * hi:+.2f}), p = {c['p']:.2g} | "
+                       f"{'-' if saved is None else f'{100 * saved:.1f}%'} |")
+    out += ["", "The metric against Greedy MP's measurements (`tools/pmq_rank.py`, same images and quantizers, "
+            "one run each; Spearman over all quantizers at the two widths Greedy MP measures):", "",
+            "| model | quantizers | PMQ metric s (runs) | Greedy MP sensitivity + allocation s | ratio | "
+            "Spearman at 4 bits (weights / inputs) | at 5 bits | Greedy's own 4 vs 5 |",
+            "|---|---|---|---|---|---|---|---|"]
+    for f in sorted((RUNS / "pmq").glob("rank_*.json")):
+        r = json.loads(f.read_text())
+        v = r["variants"][0]
+        out.append(f"| {r['model']} | {r['quantizers']} | {v['seconds']:.1f} ({v['runs']}) | {r['greedy_seconds']:.1f} | "
+                   f"{v['seconds'] / r['greedy_seconds']:.2f} | {v['spearman_all_4']:.2f} ({v['spearman_w_4']:.2f} / "
+                   f"{v['spearman_a_4']:.2f}) | {v['spearman_all_5']:.2f} | {r.get('greedy_self_spearman', float('nan')):.2f} |")
+    return "\n".join(out) + "\n"
+
+
 def results_block(cards) -> str:
     return "\n".join(card_table(c, rows) for c, rows in cards.items())
 
@@ -155,7 +199,7 @@ def plot(cards, path: Path) -> None:
             key = "ort" if parts[0] == "ort" else parts[0]
             color, marker = styles.get(key, ("tab:olive", "h"))
             name = {"float": "float32", "ort": "onnxruntime quantize_static",
-                    "mptq-mp": "mptq + Greedy MP (average bits)"}.get(key, key)
+                    "mptq-mp": "mptq + mixed precision (average bits)"}.get(key, key)
             if "recon" in parts[2:]:  # + reconstruction: hollow marker, its own legend entry
                 key, name = key + "+recon", key + " + reconstruction"
                 color, marker = styles.get(parts[0], ("tab:olive", "h"))
@@ -189,7 +233,8 @@ def main(argv=None) -> int:
     if not cards:
         raise SystemExit("no run files")
     stale = []
-    blocks = {RESULTS_MD: [("results", results_block(cards)), ("ablation", ablation_table(cards))],
+    blocks = {RESULTS_MD: [("results", results_block(cards)), ("ablation", ablation_table(cards)),
+                           ("pmq", pmq_tables(cards))],
               README: [("summary", summary_table(cards))]}
     for path, parts in blocks.items():
         old = new = path.read_text()

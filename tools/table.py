@@ -30,8 +30,9 @@ def label(c: str) -> str:
     if c in NAMES:
         return NAMES[c]
     recipe, b, *mods = c.split(":")
-    pareto = "allocator=pareto" in mods
-    extra = [m for m in mods if m not in ("img=abits", "recon", "allocator=pareto") and not _is_default(m)]
+    pareto = "allocator=greedy" not in mods  # PMQ's allocator is the default
+    extra = [m for m in mods if m not in ("img=abits", "recon", "allocator=pareto", "allocator=greedy")
+             and not _is_default(m)]
     suffix = ((" + reconstruction" if "recon" in mods else "") + (f" (image input at A{b})" if "img=abits" in mods else "")
               + (f" ({', '.join(extra)})" if extra else ""))
     if recipe.endswith("-mp"):

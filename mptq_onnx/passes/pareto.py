@@ -90,7 +90,7 @@ class ParetoMP(Pass):
         probe = cfg.pmq_probe_bits or min(cands)
         imgs = ctx.calib_images[: cfg.mp_images]
         ref = ctx.calib.logits[: cfg.mp_images]
-        sens = global_sensitivity(ctx, prov, items, cands, probe, imgs, ref, cfg.pmq_masks, cfg.pmq_on,
+        sens = global_sensitivity(ctx, prov, items, cands, probe, imgs, ref, cfg.pmq_masks,
                                   progress=cfg.progress)
 
         t1 = time.perf_counter()

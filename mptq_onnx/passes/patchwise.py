@@ -4,7 +4,7 @@ public, this is ours).
 In attention·V, key token j meets the other operand only through column j of the attention
 probabilities and row j of V, so the bits of both can follow the token: the tokens the queries
 attend to least (smallest attention mass, mean over heads and queries, per image and per window
-in Swin) take `--patch-bits`, the others keep the site's width. The choice is made in the graph
+in Swin; or, `--patch-score cls`, the class token's attention) take `--patch-bits`, the others keep the site's width. The choice is made in the graph
 at inference, from the float attention probabilities, with standard ops only:
 
     mass = ReduceMean(attn, axes=[1, 2]); thr = ReduceMax(TopK(mass, k_low, smallest));
@@ -52,7 +52,11 @@ def _unsqueeze(ed: Editor, at: str, x: str, axes: list[int], base: str, ver: int
 def emit_patchwise(ed: Editor, at: str, attn: str, v: str, high: list[Quantizer], spec: PatchSpec, base: str,
                    ver: int, feed: bool = False) -> tuple[str, str]:
     """The two quantized operands of attention·V with per-token widths (see the module doc)."""
-    mass = _reduce(ed, at, "ReduceMean", attn, [1, 2], 0, base + "_mass", ver)        # [B, T]
+    if spec.score == "cls":  # the class token's attention to each token, mean over heads
+        row = ed.node(at, "Gather", [attn, ed.const(base + "_cls", np.array(0, np.int64))], base + "_cls_row", axis=2)
+        mass = _reduce(ed, at, "ReduceMean", row, [1], 0, base + "_mass", ver)        # [B, T]
+    else:
+        mass = _reduce(ed, at, "ReduceMean", attn, [1, 2], 0, base + "_mass", ver)    # [B, T]
     k = ed.const(base + "_k", np.array([spec.low_tokens], np.int64))
     vals, idx = ed.name(base + "_lowest"), ed.name(base + "_lowest_idx")
     ed.before.setdefault(at, []).append(helper.make_node("TopK", [mass, k], [vals, idx], name=ed.name(base + "_TopK"),
@@ -101,7 +105,7 @@ class PatchWise(Pass):
             if s.role != "av" or not t or low_tokens < 1 or cfg.patch_bits >= p.a_bits or None in p.acts:
                 after += g
                 continue
-            p.patch = PatchSpec(low_tokens, t, cfg.patch_bits, list(prov.acts(s, cfg.patch_bits)))
+            p.patch = PatchSpec(low_tokens, t, cfg.patch_bits, list(prov.acts(s, cfg.patch_bits)), cfg.patch_score)
             p.methods.append("patchwise")
             after += patch_gbops(p.patch, macs[s.name], p.a_bits)
             n += 1

@@ -47,7 +47,7 @@ def site_metadata(p: SitePlan) -> dict[str, str]:
         v = q.describe() if q is not None else "float"
         meta[f"mptq.act.{label}"] = v if a.kind == "general" else f"{v} ({a.kind})"
     if p.patch is not None:
-        meta["mptq.patchwise"] = (f"{p.patch.low_tokens} of {p.patch.tokens} key tokens (least attention mass) at "
+        meta["mptq.patchwise"] = (f"{p.patch.low_tokens} of {p.patch.tokens} key tokens (least {p.patch.score} score) at "
                                   f"{p.patch.low_bits} bits: " + "; ".join(q.describe() for q in p.patch.low))
     return meta
 
