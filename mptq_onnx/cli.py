@@ -45,6 +45,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     """Shared by `convert` and `demo`: convert, save the model and its JSON report. With `model`
     None, convert reads `model_path` itself (and frees the float weights after canonicalizing);
     `pp`: the model's preprocessing, if already read."""
+    from .calibrate import map_large_allocations
     from .convert import convert
     from .calibset import open_calibration
     from .modelio import get_preprocess, load_model, save_model
@@ -58,6 +59,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
                         {"output": output, "--frontier-plot": plot, "report": rp},
                         force, may_write={"external data": output.with_name(output.name + ".data")})
     pp = pp or get_preprocess(model if model is not None else load_model(model_path))
+    map_large_allocations()  # process-wide, so the CLI's choice and not the library's
     t0 = time.perf_counter()
     images = open_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)  # read batch by batch
     t_load = time.perf_counter() - t0
@@ -83,6 +85,36 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     return ctx, report
 
 
+def _given(a) -> set[str]:
+    """The convert options the user typed (not left at their defaults)."""
+    return getattr(a, "_given", set())
+
+
+# (option, what it needs, test on the config): an option typed whose need is not met is refused,
+# never silently dropped (issue 25)
+_NEEDS = [
+    (("--mp-candidates", "--mp-images", "--allocator", "--frontier-plot"), "--target-bits",
+     lambda c: c.target_bits is not None),
+    (("--iters", "--recon-batch", "--recon-lr", "--recon-scale-lr", "--recon-loss", "--recon-images", "--device"),
+     "--reconstruct or --recipe ias", lambda c: c.reconstruct or c.recipe == "ias"),
+    (("--patch-keep", "--patch-bits", "--patch-score"), "--patchwise", lambda c: c.patchwise),
+    (("--act-method", "--weight-method"), "a recipe with uniform quantizers (uniform, sqb, pmq): the others "
+     "choose their own", lambda c: c.recipe in ("uniform", "sqb", "pmq")),
+]
+
+
+def _refuse_unused(cfg, given: set[str]) -> None:
+    from .errors import MptqError
+    for opts, need, ok in _NEEDS:
+        typed = [o for o in opts if o in given]
+        if typed and not ok(cfg):
+            raise MptqError(f"{', '.join(typed)} {'does' if len(typed) == 1 else 'do'} nothing without {need}")
+    if (cfg.reconstruct or cfg.recipe == "ias") and cfg.recon_iters == 0:
+        raise MptqError("--iters 0 trains nothing: give --iters 1 or more (or drop --reconstruct)")
+    if cfg.recipe == "ias" and "--softmax-quantizer" in given:
+        raise MptqError("--recipe ias always quantizes post-Softmax inputs with SULQ: drop --softmax-quantizer")
+
+
 def _config(a):
     from .plan import QuantConfig
     cfg = QuantConfig(wbits=a.wbits, abits=a.abits, recipe=a.recipe, calib_size=a.calib_size,
@@ -97,6 +129,7 @@ def _config(a):
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
+    _refuse_unused(cfg, _given(a))
     return cfg
 
 
@@ -326,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.add_argument("--w4", choices=["nbits", "int8"], default="nbits",
                    help="4-bit weights: MatMulNBits (default, 4-bit file) or int8 integer kernels (exact, 8-bit file)")
-    p.add_argument("--accuracy-level", type=int, default=4, choices=[1, 4],
+    from .deploy import ACCURACY_LEVELS
+    p.add_argument("--accuracy-level", type=int, default=4, choices=list(ACCURACY_LEVELS),
                    help="MatMulNBits accuracy_level: 4 (default) int8 input blocks, fast, not the simulation's "
                         "arithmetic; 1 float32, exact")
     p.add_argument("--block-size", type=int, default=0, help="MatMulNBits block size (default: largest of 128..16 dividing K)")
@@ -344,7 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {t.split("=", 1)[0] for t in argv if t.startswith("--")}
+    args._given = flags
     try:
         return args.fn(args)
     except MptqError as e:

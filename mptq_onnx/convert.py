@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import onnx
 
-from .calibrate import map_large_allocations, release_memory
+from .calibrate import release_memory
 from .check import check_input_model, check_result, static_batch
 from .errors import MptqError
 from .modelio import load_model
@@ -84,9 +84,12 @@ def convert(model: onnx.ModelProto | str | os.PathLike, calib_images: np.ndarray
     `model` is left as it is; given a path, convert reads the model itself and holds its only
     reference, so the float model is freed once canonicalization has made its copy (a caller
     holding it keeps the weights twice for the whole conversion: 344 MB more on vit_base). The
-    returned Context keeps the plan and the calibration statistics, not the searches' samples."""
+    returned Context keeps the plan and the calibration statistics, not the searches' samples.
+
+    The CLI also sets glibc's mmap threshold for its process (calibrate.map_large_allocations: a
+    process-wide setting, so a library call leaves it to its caller); the peak memory figures in
+    the docs were measured that way."""
     cfg.validate()
-    map_large_allocations()
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     check_input_model(model)

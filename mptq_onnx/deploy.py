@@ -47,6 +47,11 @@ _RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255),
            TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
 
 
+# MatMulNBits' accuracy levels offered: 1 computes in float32 (what the QDQ graph says), 4 with int8
+# input blocks (fast). 2 and 3 (fp16, bf16) run as 1 on the CPU, 0 leaves it to onnxruntime.
+ACCURACY_LEVELS = (1, 4)
+
+
 @dataclasses.dataclass
 class DeployConfig:
     w4: str = "nbits"           # 4-bit weights: nbits (MatMulNBits) | int8 (widened, integer kernels)
@@ -57,8 +62,8 @@ class DeployConfig:
     def validate(self) -> None:
         if self.w4 not in ("nbits", "int8"):
             raise MptqError(f"--w4 takes nbits or int8, got {self.w4!r}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise MptqError(f"--accuracy-level takes 0-4, got {self.accuracy_level}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise MptqError(f"--accuracy-level takes {' or '.join(map(str, ACCURACY_LEVELS))}, got {self.accuracy_level}")
         if self.block_size and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise MptqError(f"--block-size must be a power of two >= 16, got {self.block_size}")
 

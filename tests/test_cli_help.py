@@ -99,3 +99,37 @@ def test_output_into_a_closed_pipe_is_quiet(tmp_path):
         assert len(r.stdout.splitlines()) == (1 if reader.startswith("head") else 0)
         assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
         assert r.returncode in (0, 141)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--mp-images", "8"], "--target-bits"),
+    (["--allocator", "greedy"], "--target-bits"),
+    (["--iters", "10"], "--reconstruct"),
+    (["--device", "cpu"], "--reconstruct"),
+    (["--recon-loss", "fisher"], "--reconstruct"),
+    (["--patch-bits", "3"], "--patchwise"),
+    (["--recipe", "mptq", "--act-method", "minmax"], "uniform quantizers"),
+    (["--recipe", "mptq", "--weight-method", "minmax"], "uniform quantizers"),
+    (["--reconstruct", "--iters", "0"], "trains nothing"),
+    (["--recipe", "ias", "--softmax-quantizer", "sulq"], "always"),
+])
+def test_options_that_would_do_nothing_are_refused(args, words, tmp_path, capsys):
+    """Issue 25: an option typed whose condition is not met is refused in one line, before any work."""
+    from mptq_onnx.cli import main
+    rc = main(["convert", "m.onnx", "--calib", "x", "-o", str(tmp_path / "q.onnx"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_deploy_accuracy_levels_are_the_clis():
+    """One truth for MatMulNBits' accuracy levels: the library refuses what the CLI does not offer."""
+    from mptq_onnx.cli import build_parser
+    from mptq_onnx.deploy import ACCURACY_LEVELS, DeployConfig
+    from mptq_onnx.errors import MptqError
+    act = next(a for a in build_parser()._subparsers._group_actions[0].choices["deploy"]._actions
+               if "--accuracy-level" in a.option_strings)
+    assert tuple(act.choices) == ACCURACY_LEVELS
+    for lvl in (0, 2, 3):
+        with pytest.raises(MptqError, match="accuracy-level"):
+            DeployConfig(accuracy_level=lvl).validate()

@@ -1,5 +1,7 @@
 """End to end: convert real timm architectures and the embedded model; CLI behaviour on bad input."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -150,3 +152,62 @@ def test_cli_bad_input(emb, tmp_path, capsys, args, msg):
     err = capsys.readouterr().err
     assert err.startswith("mptq-onnx: error:") and "Traceback" not in err and msg in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_library_convert_leaves_the_process_malloc_settings_alone(monkeypatch, tmp_path):
+    """Issue 25: convert() (the library) does not call mallopt; the CLI sets it for its own process."""
+    from mptq_onnx import calibrate
+    from mptq_onnx.cli import main
+    from mptq_onnx.convert import convert
+    from mptq_onnx.data import load_calibration
+    from mptq_onnx.embedded import embedded_calib_dir, load_embedded_model
+    from mptq_onnx.modelio import get_preprocess, save_model
+    from mptq_onnx.plan import QuantConfig
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, *a):
+            calls.append(a)
+            return 1
+
+        def malloc_trim(self, *a):
+            return 0
+
+    monkeypatch.setattr(calibrate, "_LIBC", FakeLibc())
+    m = load_embedded_model()
+    imgs = load_calibration(embedded_calib_dir(), get_preprocess(m), 4, progress=False)
+    convert(m, imgs, QuantConfig(calib_size=4, progress=False), verbose=False)
+    assert calls == []
+    src = save_model(m, tmp_path / "m.onnx")
+    assert main(["convert", str(src), "--calib", str(embedded_calib_dir()), "--calib-size", "4", "-q"]) == 0
+    assert calls and calls[0][0] == calibrate._M_MMAP_THRESHOLD
+
+
+@pytest.mark.slow
+def test_demo_runs_from_an_installed_wheel(tmp_path):
+    """Issue 25: the README's first command from a wheel installed outside the checkout (the
+    embedded model and images are package data)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheel"), str(repo)]
+    try:
+        import setuptools
+        if int(setuptools.__version__.split(".")[0]) >= 68:
+            build.insert(5, "--no-build-isolation")  # no download of setuptools when a new one is here
+    except ImportError:
+        pass
+    subprocess.run(build, check=True, capture_output=True, timeout=600)
+    whl = next((tmp_path / "wheel").glob("mptq_onnx-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(whl)], check=True, capture_output=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    code = ("import sys, mptq_onnx; from mptq_onnx.cli import main; print(mptq_onnx.__file__); "
+            "sys.exit(main(['demo', '--recipe', 'uniform', '--calib-size', '16', '-q', '--out-dir', 'out']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(str(tmp_path / "site"))  # the wheel's copy, not the checkout
+    assert "top-1" in r.stdout and "404 val images" in r.stdout

@@ -21,6 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mptq_onnx.calibrate import map_large_allocations  # noqa: E402
 from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.evaluate import evaluate  # noqa: E402
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs"))
     ap.add_argument("--out", required=True, help="JSON results (appended per config as they finish)")
     a = ap.parse_args(argv)
+    map_large_allocations()  # as the CLI's process does
     configs = {}  # parsed before any work, so a typo fails at once and not after an hour
     for c in a.configs:
         if c.split(":")[0] not in ("float", "ort"):

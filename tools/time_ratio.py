@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mptq_onnx.calibrate import map_large_allocations  # noqa: E402
 from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model, save_model  # noqa: E402
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--work", default=str(REPO / "runs"))
     a = ap.parse_args(argv)
+    map_large_allocations()  # as the CLI's process does
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns about pre-processing each call
     cfg = conversion_config(a.config)
     _, ort_bits, ort_method = a.ort.split(":")
