@@ -37,6 +37,8 @@ def cmd_export(a) -> int:
 
 def default_output(src: Path, cfg) -> Path:
     tag = f"{cfg.recipe}_mp{cfg.target_bits:g}" if cfg.target_bits else f"{cfg.recipe}_w{cfg.wbits}a{cfg.abits}"
+    if cfg.max_drop is not None:
+        tag = f"{cfg.recipe}_drop{cfg.max_drop:g}"
     return src.with_name(f"{src.stem}.{tag}.onnx")
 
 
@@ -79,7 +81,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
             from .plot import plot_frontier
             st.write_bytes(plot, plot_frontier(ctx.report.get("frontier", []),
                                                f"{model_path.name if model_path else 'embedded'}: {cfg.recipe}, "
-                                               f"target {cfg.target_bits:g} bits"))
+                                               f"target {ctx.report['pareto_mp']['target']:g} bits"))
         st.write_bytes(rp, json.dumps(report, indent=1, sort_keys=True, default=float).encode())
     print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) and {rp}", file=sys.stderr)
     return ctx, report
@@ -93,8 +95,9 @@ def _given(a) -> set[str]:
 # (option, what it needs, test on the config): an option typed whose need is not met is refused,
 # never silently dropped (issue 25)
 _NEEDS = [
-    (("--mp-candidates", "--mp-images", "--allocator", "--frontier-plot"), "--target-bits",
-     lambda c: c.target_bits is not None),
+    (("--mp-candidates", "--mp-images", "--allocator", "--frontier-plot"), "--target-bits or --max-drop",
+     lambda c: c.mixed()),
+    (("--val", "--val-size"), "--max-drop", lambda c: c.max_drop is not None),
     (("--iters", "--recon-batch", "--recon-lr", "--recon-scale-lr", "--recon-loss", "--recon-images", "--device"),
      "--reconstruct or --recipe ias", lambda c: c.reconstruct or c.recipe == "ias"),
     (("--patch-keep", "--patch-bits", "--patch-score"), "--patchwise", lambda c: c.patchwise),
@@ -125,7 +128,8 @@ def _config(a):
                       recon_images=a.recon_images, recon_lr=a.recon_lr, recon_scale_lr=a.recon_scale_lr,
                       recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator,
                       frontier_plot=a.frontier_plot, patchwise=a.patchwise, patch_keep=a.patch_keep,
-                      patch_bits=a.patch_bits, patch_score=a.patch_score)
+                      patch_bits=a.patch_bits, patch_score=a.patch_score, max_drop=a.max_drop,
+                      val_dir=a.val, val_size=a.val_size)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -221,6 +225,11 @@ def _add_quant_args(p):
     p.add_argument("--allocator", choices=["pareto", "greedy"], default="pareto",
                    help="mixed precision: pareto (PMQ: one-shot sensitivity and the whole Pareto frontier, kept in "
                         "the report; default) or greedy (MPTQ-ViT's Greedy MP)")
+    p.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                   help="instead of --target-bits: the smallest model on PMQ's frontier whose top-1 on --val is "
+                        "within POINTS points of float (bisection, a few evaluations)")
+    p.add_argument("--val", default=None, metavar="DIR", help="--max-drop: labelled images (ImageFolder)")
+    p.add_argument("--val-size", type=int, default=1000, help="--max-drop: images of --val used (default 1000)")
     p.add_argument("--frontier-plot", metavar="PNG", default=None,
                    help="--allocator pareto: draw the frontier, the chosen point and the measured KL at every whole "
                         "bit into this PNG (needs matplotlib: the plot extra)")

@@ -41,19 +41,19 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
     elif cfg.recipe == "sqb":  # ablation: SQ-b, then the uniform MSE baseline
         body = [SmoothQuantBias(), UniformParams()]
     elif cfg.recipe == "pmq":  # PMQ: its metric and frontier over the uniform quantizers
-        if cfg.target_bits is None:
-            raise MptqError("--recipe pmq allocates bit-widths: give --target-bits (e.g. 5)")
+        if not cfg.mixed():
+            raise MptqError("--recipe pmq allocates bit-widths: give --target-bits (e.g. 5) or --max-drop")
         body = [UniformParams()]
     elif cfg.recipe == "ias":  # I&S-ViT: three stages, two of them reconstruction (passes/ias.py)
         require_torch("--recipe ias", cfg.device)
-        if cfg.target_bits is not None:
-            raise MptqError("--target-bits (Greedy MP) needs a recipe that runs opt-m; --recipe ias does not")
+        if cfg.mixed():
+            raise MptqError("mixed precision (--target-bits, --max-drop) is not available with --recipe ias")
         body = [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
                 IasFold(), IasWeights(), Reconstruct("ias-stage3")][:{1: 3, 2: 4, 3: 6}[cfg.ias_stages]]
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     allocator = ParetoMP() if cfg.recipe == "pmq" or cfg.allocator == "pareto" else GreedyMP()
-    tail: list[Pass] = [allocator] if cfg.target_bits is not None else []
+    tail: list[Pass] = [allocator] if cfg.mixed() else []
     if cfg.reconstruct and cfg.recipe == "ias":
         raise MptqError("--recipe ias reconstructs already (its stages 1 and 3); drop --reconstruct")
     if cfg.reconstruct:
@@ -112,6 +112,8 @@ def convert(model: onnx.ModelProto | str | os.PathLike, calib_images: np.ndarray
         st.sample = None
     release_memory()
     bits = cfg.target_bits if cfg.target_bits is not None else min(cfg.wbits, cfg.abits)
+    if cfg.max_drop is not None:
+        bits = ctx.report["pareto_mp"]["target"]
     chk = check_result(ctx, ctx.calib.images, ctx.calib.logits, bits)
     ctx.report["check"] = chk.to_dict()
     if verbose and cfg.progress:

@@ -86,15 +86,3 @@ def solve(cands: list[int], shares: np.ndarray, omega: np.ndarray, grid: int = 4
             arg[better] = j
         best, choice[k] = nxt, arg
     return Frontier(cands, shares, omega, grid, base, dcost, best, choice)
-
-
-def frontier_points(fw: Frontier | None, fa: Frontier | None, step: float = 0.25) -> list[tuple[float, np.ndarray | None, np.ndarray | None]]:
-    """(target, weight widths, activation widths) at every `step` of the average from the lowest
-    candidate to the highest: points of the joint frontier, both averages at most the target."""
-    fs = [f for f in (fw, fa) if f is not None]
-    lo = min(min(f.cands) for f in fs)
-    hi = max(max(f.cands) for f in fs)
-    out = []
-    for t in np.arange(lo, hi + 1e-9, step):
-        out.append((float(t), fw.at(t) if fw else None, fa.at(t) if fa else None))
-    return out

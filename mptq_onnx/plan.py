@@ -33,7 +33,12 @@ class QuantConfig:
     calib_size: int = 128
     act_method: str = "mse"          # minmax | mse
     weight_method: str = "mse"       # minmax | mse
-    target_bits: float | None = None  # Greedy MP average bit-width
+    target_bits: float | None = None  # mixed precision: the average bit-width
+    # mixed precision by accuracy instead: the smallest frontier point whose top-1 on val_dir is
+    # within max_drop points of float (pareto allocator; bisection on the frontier)
+    max_drop: float | None = None
+    val_dir: str | None = None
+    val_size: int = 1000              # labelled images (spread over val_dir) each tried point is scored on
     # None: 8 6 5 4, and 3 too for targets below 5. 3 is left out at 5 and above: at a 5-bit target,
     # Greedy MP measuring sensitivities at 5 and 4 bits rather than 4 and 3 lowered the final KL on
     # tin_calib (deit 0.0127 -> 0.0118, swin 0.0049 -> 0.0048)
@@ -92,11 +97,15 @@ class QuantConfig:
     # 2 after the fold (weights float), 3 runs all of I&S-ViT
     ias_stages: int = 3
 
+    def mixed(self) -> bool:
+        """Whether an allocator chooses the widths (a target, or an accuracy budget)."""
+        return self.target_bits is not None or self.max_drop is not None
+
     def candidates(self) -> tuple[int, ...]:
         """The widths mixed precision chooses from (mp_candidates, else the default for the target)."""
         if self.mp_candidates:
             return tuple(self.mp_candidates)
-        low = self.target_bits is not None and self.target_bits < 5
+        low = (self.target_bits is not None and self.target_bits < 5) or self.max_drop is not None
         return (8, 6, 5, 4, 3) if low else (8, 6, 5, 4)
 
     def rounding(self) -> str:
@@ -105,7 +114,7 @@ class QuantConfig:
 
     def smoothing_scores_weights(self) -> bool:
         """Whether SQ-b's α/shift search scores the weights' rounding error too (see sqb.py)."""
-        return self.rounding() != "gptq" or self.target_bits is not None
+        return self.rounding() != "gptq" or self.mixed()
 
     def held_abits(self, site) -> int | None:
         """The activation bits a site is held at whatever --abits or Greedy MP say (the image input)."""
@@ -134,8 +143,17 @@ class QuantConfig:
             c = self.candidates()
             raise MptqError(f"--target-bits {self.target_bits:g} cannot be met: the candidate widths {' '.join(map(str, c))} "
                             f"reach averages from {min(c)} to {max(c)} (add narrower ones with --mp-candidates)")
+        if self.max_drop is not None:
+            if self.target_bits is not None:
+                raise MptqError("give --target-bits or --max-drop, not both: --max-drop finds the target itself")
+            if self.allocator != "pareto" and self.recipe != "pmq":
+                raise MptqError("--max-drop searches PMQ's frontier: it needs --allocator pareto")
+            if not self.val_dir:
+                raise MptqError("--max-drop needs --val DIR: labelled images (ImageFolder) to measure the drop on")
+            if not self.max_drop >= 0 or self.val_size < 1:
+                raise MptqError("--max-drop must be >= 0 points and --val-size >= 1")
         if self.frontier_plot is not None:
-            if self.target_bits is None or (self.allocator != "pareto" and self.recipe != "pmq"):
+            if not self.mixed() or (self.allocator != "pareto" and self.recipe != "pmq"):
                 raise MptqError("--frontier-plot draws PMQ's frontier: give --target-bits with --allocator pareto "
                                 "(or --recipe pmq)")
             from .plot import require_matplotlib

@@ -207,7 +207,8 @@ def test_frontier_plot(embedded_onnx, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rep = json.loads(out.with_suffix(".report.json").read_text())
     measured = [p["target"] for p in rep["frontier"] if "kl" in p]
-    assert measured == [4.0, 5.0, 6.0, 7.0, 8.0]  # every whole bit, the chosen one too
+    # every whole bit the frontier reaches (from 4.25: the 8-bit image input), the chosen one too
+    assert measured == [5.0, 6.0, 7.0, 8.0]
     # an existing plot is not overwritten without --force, and nothing else is written then
     out.unlink()
     assert main(args) == 2 and "exists" in capsys.readouterr().err and not out.exists()
@@ -267,3 +268,25 @@ def test_patchwise_end_to_end(embedded_onnx, tmp_path):
     node = next(n for n in m.graph.node if n.name.endswith("attn_v") or any(p.key == "mptq.patchwise" for p in n.metadata_props))
     assert any(p.key == "mptq.patchwise" for p in node.metadata_props)
     assert sum(n.op_type == "TopK" for n in m.graph.node) == 12
+
+
+@pytest.mark.parametrize("drop", [100.0, 0.0])
+def test_max_drop_bisects_the_frontier(embedded_onnx, tmp_path, drop):
+    from mptq_onnx.embedded import embedded_val_dir
+    out = tmp_path / "q.onnx"
+    rc = main(["convert", str(embedded_onnx), "--recipe", "pmq", "--max-drop", str(drop), "--val",
+               str(embedded_val_dir()), "--val-size", "48", "--mp-images", "2", "--calib", str(embedded_calib_dir()),
+               "--calib-size", "8", "-o", str(out), "-q"])
+    assert rc == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    md = rep["max_drop"]
+    tried = {p["target"]: p["drop_points"] for p in md["tried"]}
+    assert md["images"] == 48 and md["target"] == rep["pareto_mp"]["target"] and len(tried) <= 6
+    if drop == 100.0:
+        # anything passes: the lowest point of the frontier (3.25: the 8-bit image input keeps the
+        # activations' average above 3)
+        assert md["target"] == 3.25 and md["met"]
+    else:  # every tried point below the chosen one failed; the chosen one passed (or nothing did)
+        assert all(d > 0 for t, d in tried.items() if t < md["target"])
+        assert (tried[md["target"]] <= 0) == md["met"]
+    assert rep["avg_w_bits"] <= md["target"] + 1e-3 and rep["avg_a_bits"] <= md["target"] + 1e-3

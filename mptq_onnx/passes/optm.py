@@ -245,10 +245,10 @@ class OptM(Pass):
             p = SitePlan(site, cfg.wbits if site.weight else None, cfg.site_abits(site))
             if site.weight:
                 p.weight = opt.weight(site, p.w_bits)
-                if cfg.target_bits is None and opt.data(site) is not None:
+                if not cfg.mixed() and opt.data(site) is not None:
                     opt.data(site).drop_hessian()  # only Greedy MP searches weights again; GPTQ forms its own H
             p.acts = opt.acts(site, p.a_bits)
-            if cfg.target_bits is None and opt.data(site) is not None:
+            if not cfg.mixed() and opt.data(site) is not None:
                 opt.data(site).release()
             for q in p.acts:
                 kinds[q.kind] = kinds.get(q.kind, 0) + 1

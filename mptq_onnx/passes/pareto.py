@@ -14,7 +14,8 @@ import time
 import numpy as np
 import onnx
 
-from ..frontier import frontier_points, solve
+from ..errors import MptqError
+from ..frontier import solve
 from ..plan import Context
 from ..sensitivity import Item, global_sensitivity
 from ..simulate import kl_divergence
@@ -79,7 +80,7 @@ class ParetoMP(Pass):
     def __call__(self, ctx: Context) -> PassResult:
         cfg = ctx.config
         target = cfg.target_bits
-        if target is None:
+        if target is None and cfg.max_drop is None:
             return PassResult(ctx, False, "no --target-bits: skipped")
         cands = sorted(set(cfg.candidates()), reverse=True)
         prov = ctx.site_optimizer or UniformProvider(ctx)
@@ -107,6 +108,14 @@ class ParetoMP(Pass):
             fr[typ] = (solve(asc, np.array([it.share for it in its]), om), its, held)
         t_frontier = time.perf_counter() - t1
 
+        # the lowest average each type reaches (held quantizers count at their width)
+        floor_avg = max([fr[t][2] + sum(it.share for it in fr[t][1]) * min(cands) for t in fr if fr[t] is not None]
+                        or [min(cands)])
+        if target is not None and target < floor_avg - 1e-9:
+            raise MptqError(f"--target-bits {target:g} cannot be met: with the inputs held at --image-bits, the "
+                            f"lowest reachable average is {floor_avg:.3f} bits")
+        grid_lo = float(np.ceil(floor_avg * 4 - 1e-9) / 4)
+
         def pick(typ, t):
             if fr[typ] is None:
                 return {}
@@ -133,11 +142,27 @@ class ParetoMP(Pass):
                 pt["chosen"] = True
             return pt, st
 
+        sim = None
+        if cfg.max_drop is not None or cfg.pmq_measure_kl or cfg.frontier_plot:
+            sim = build_simulator(ctx, prov, {k: max(cands) for k in share if k[1] == "a"} | fixed, max(cands))
+
+        def feeds_of(st):
+            feeds = {}
+            for p in plans:
+                s = p.site
+                if s.weight:
+                    feeds.update(sim.feeds(s.name, "w", prov.weight(s, st[(s.name, "w")])))
+                for i, q in enumerate(prov.acts(s, st[(s.name, "a")])):
+                    feeds.update(sim.feeds(s.name, f"a{i}", q))
+            return feeds
+
+        if cfg.max_drop is not None:
+            target = self._search_target(ctx, sim, feeds_of, describe, grid_lo, max(cands))
+
         # the allocation itself: per type, with the held quantizers' share taken off the budget
         state = {**pick("w", target), **pick("a", target), **fixed}
         points = []
-        lo, hi = min(cands), max(cands)
-        for t in np.arange(lo, hi + 1e-9, 0.25):
+        for t in np.arange(grid_lo, max(cands) + 1e-9, 0.25):
             if abs(t - target) > 1e-9:
                 points.append(describe(float(t))[0])
         chosen, _ = describe(target, chosen=True)
@@ -156,26 +181,14 @@ class ParetoMP(Pass):
         # allocators; with a plot asked for, also at every whole bit of the frontier (each needs
         # the recipe's quantizers at the widths it uses: OPT-m's searches, seconds per width)
         kl = None
-        if cfg.pmq_measure_kl or cfg.frontier_plot:
-            sim = build_simulator(ctx, prov, {k: b for k, b in state.items() if k[1] == "a"}, max(cands))
-
-            def measure(st):
-                feeds = {}
-                for p in plans:
-                    s = p.site
-                    if s.weight:
-                        feeds.update(sim.feeds(s.name, "w", prov.weight(s, st[(s.name, "w")])))
-                    for i, q in enumerate(prov.acts(s, st[(s.name, "a")])):
-                        feeds.update(sim.feeds(s.name, f"a{i}", q))
-                return kl_divergence(ref, sim.run(imgs, feeds))
-
-            kl = measure(state)
+        if sim is not None and (cfg.pmq_measure_kl or cfg.frontier_plot):
+            kl = kl_divergence(ref, sim.run(imgs, feeds_of(state)))
             chosen["kl"] = round(kl, 5)
             if cfg.frontier_plot:
                 for pt in points:
                     if pt is not chosen and float(pt["target"]).is_integer():
-                        pt["kl"] = round(measure(describe(pt["target"])[1]), 5)
-            del sim
+                        pt["kl"] = round(kl_divergence(ref, sim.run(imgs, feeds_of(describe(pt["target"])[1]))), 5)
+        del sim
         wb, ab = chosen["avg_w_bits"], chosen["avg_a_bits"]
         ctx.report["pareto_mp"] = {
             "target": target, "candidates": cands, "probe_bits": probe, "images": int(len(imgs)),
@@ -191,3 +204,53 @@ class ParetoMP(Pass):
         kl_s = f"; KL {kl:.4f}" if kl is not None else ""
         return PassResult(ctx, False, f"avg W {wb:.2f} / A {ab:.2f} bits (target {target:g}), "
                                       f"{chosen['gbops']:.3f} GBOPs{kl_s}")
+
+    @staticmethod
+    def _search_target(ctx: Context, sim, feeds_of, describe, lo: float, hi: float) -> float:
+        """--max-drop: the lowest frontier target (a quarter-bit grid) whose top-1 on --val, in the
+        fake-quant simulation (nearest rounding), is within max_drop points of float; bisection,
+        assuming top-1 does not fall as bits grow. Every tried point goes into the report."""
+        from ..calibrate import session
+        from ..data import ImageFolder, iter_batches, spread_indices
+        from ..evaluate import folder_labels
+        from ..modelio import get_preprocess
+        cfg = ctx.config
+        ds = ImageFolder(cfg.val_dir, get_preprocess(ctx.model))
+        labels = folder_labels(ctx.model, ds.classes, cfg.val_dir)
+        xs, ys = [], []
+        for x, y in iter_batches(ds, 64, spread_indices(len(ds), cfg.val_size)):
+            xs.append(x)
+            ys.append(labels[y])
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        fs = session(ctx.model)
+        f_logits = np.concatenate([fs.run(None, {fs.get_inputs()[0].name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
+        del fs
+        f_top1 = float((f_logits.argmax(1) == y).mean())
+        grid = [float(t) for t in np.arange(lo, hi + 1e-9, 0.25)]
+        tried: dict[float, float] = {}
+
+        def top1(t: float) -> float:
+            if t not in tried:
+                tried[t] = float((sim.run(x, feeds_of(describe(t)[1])).argmax(1) == y).mean())
+            return tried[t]
+
+        ok = lambda t: 100 * (f_top1 - top1(t)) <= cfg.max_drop + 1e-9  # noqa: E731
+        a, b = 0, len(grid) - 1
+        if not ok(grid[b]):
+            a = b  # not even the widest configuration: take it, and say so in the report
+        while a < b:
+            m = (a + b) // 2
+            if ok(grid[m]):
+                b = m
+            else:
+                a = m + 1
+        chosen = grid[a]
+        ctx.report["max_drop"] = {
+            "points": cfg.max_drop, "val": str(cfg.val_dir), "images": int(len(x)), "float_top1": round(f_top1, 5),
+            "met": bool(ok(chosen)), "target": chosen,
+            "tried": [{"target": t, "top1": round(v, 5), "drop_points": round(100 * (f_top1 - v), 3)}
+                      for t, v in sorted(tried.items())]}
+        if cfg.progress:
+            print(f"  pmq: --max-drop {cfg.max_drop:g}: target {chosen:g} bits (top-1 {tried[chosen]:.4f}, float "
+                  f"{f_top1:.4f}, {len(x)} images; {len(tried)} points tried)", file=sys.stderr)
+        return chosen
