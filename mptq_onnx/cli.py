@@ -155,8 +155,8 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(res.to_dict(), sort_keys=True))
     else:
-        print(f"top-1 {res.top1:.4f}  top-5 {res.top5:.4f}  on {res.images} images  "
-              f"({res.images_per_s:.1f} images/s)")
+        t5 = "n/a" if res.top5 is None else f"{res.top5:.4f}"  # fewer than 5 classes
+        print(f"top-1 {res.top1:.4f}  top-5 {t5}  on {res.images} images  ({res.images_per_s:.1f} images/s)")
     return 0
 
 
