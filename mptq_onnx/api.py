@@ -3,8 +3,8 @@
     import mptq_onnx
     res = mptq_onnx.quantize("deit_s.onnx", "calib_images/", "deit_s.w4a4.onnx", recipe="mptq", wbits=4, abits=4)
     print(res.report["avg_w_bits"], res.check["top1_agreement"])
-    print(mptq_onnx.evaluate(res.model_path, "val_images/").top1)
-    mptq_onnx.deploy(res.model_path)
+    print(mptq_onnx.evaluator(res.model_path, "val_images/").top1)
+    mptq_onnx.deployer(res.model_path)
 
 Options are QuantConfig's fields (`recipe`, `wbits`, `abits`, `target_bits`, `allocator`,
 `reconstruct`, `recon_iters`, ...) with the CLI's defaults, and are checked as the CLI checks its
@@ -71,7 +71,7 @@ def evaluate(model: PathLike, data: PathLike, *, limit: int | None = None, batch
              progress: bool = False):
     """Top-1/top-5 of an ONNX classifier (float or quantized) on a labelled ImageFolder: an
     EvalResult (`top1`, `top5`, `images`, per-image `hits`)."""
-    from .evaluate import evaluate as _evaluate
+    from .evaluator import evaluate as _evaluate
     return _evaluate(model, data, batch_size=batch_size, limit=limit, progress=progress)
 
 
@@ -79,7 +79,7 @@ def deploy(model: PathLike, output: PathLike | None = None, *, force: bool = Fal
     """Lower a converted model to onnxruntime's integer and 4-bit kernels (`mptq-onnx deploy`);
     options are DeployConfig's fields (`w4`, `accuracy_level`, `block_size`, `verify`). Returns
     the DeployReport (`output`, per-layer kernels)."""
-    from .deploy import DeployConfig, deploy_file
+    from .deployer import DeployConfig, deploy_file
     fields = {f.name for f in dataclasses.fields(DeployConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -90,5 +90,5 @@ def deploy(model: PathLike, output: PathLike | None = None, *, force: bool = Fal
 
 def export(name: str, output: PathLike, **options) -> Path:
     """Export a timm model or a model card to ONNX (`mptq-onnx export`; needs the export extra)."""
-    from .export import export_model
+    from .exporter import export_model
     return export_model(name, output, **options)

@@ -28,7 +28,7 @@ def _image_bits(s: str) -> int | None:
 
 
 def cmd_export(a) -> int:
-    from .export import export_model
+    from .exporter import export_model
     export_model(a.name, a.output, pretrained=a.pretrained, checkpoint=a.checkpoint, cards_dir=a.cards_dir,
                  img_size=a.img_size, num_classes=a.num_classes, exporter=a.exporter, force=a.force,
                  verify=not a.no_verify)
@@ -150,7 +150,7 @@ def cmd_convert(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .evaluate import evaluate
+    from .evaluator import evaluate
     res = evaluate(a.model, a.data, batch_size=a.batch_size, limit=a.limit, progress=not a.quiet and not a.json)
     if a.json:
         print(json.dumps(res.to_dict(), sort_keys=True))
@@ -181,7 +181,7 @@ def cmd_inspect(a) -> int:
 def cmd_demo(a) -> int:
     """Convert the embedded deit_tiny_tin on its embedded images and compare it with float."""
     from .embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model
-    from .evaluate import evaluate
+    from .evaluator import evaluate
     cfg = _config(a)
     model = load_embedded_model()
     out_dir = Path(a.out_dir) if a.out_dir else Path(tempfile.mkdtemp(prefix="mptq_demo_"))
@@ -198,7 +198,7 @@ def cmd_demo(a) -> int:
 
 
 def cmd_deploy(a) -> int:
-    from .deploy import DeployConfig, deploy_file, report_path
+    from .deployer import DeployConfig, deploy_file, report_path
     cfg = DeployConfig(w4=a.w4, accuracy_level=a.accuracy_level, block_size=a.block_size, verify=not a.no_verify)
     rep = deploy_file(a.model, a.output, cfg, force=a.force)
     if not a.quiet:
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.add_argument("--w4", choices=["nbits", "int8"], default="nbits",
                    help="4-bit weights: MatMulNBits (default, 4-bit file) or int8 integer kernels (exact, 8-bit file)")
-    from .deploy import ACCURACY_LEVELS
+    from .deployer import ACCURACY_LEVELS
     p.add_argument("--accuracy-level", type=int, default=4, choices=list(ACCURACY_LEVELS),
                    help="MatMulNBits accuracy_level: 4 (default) int8 input blocks, fast, not the simulation's "
                         "arithmetic; 1 float32, exact")

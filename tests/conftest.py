@@ -51,7 +51,7 @@ def timm_onnx(tmp_path_factory):
             _need_torch()
             import torch
 
-            from mptq_onnx.export import export_model
+            from mptq_onnx.exporter import export_model
 
             torch.manual_seed(0)  # export_model also seeds (seed=0) in a forked RNG
             suffix = f"_{img_size}" if img_size is not None else ""
@@ -64,7 +64,7 @@ def timm_onnx(tmp_path_factory):
 
 def _card_export(shared_dir: Path, out_dir: Path, name: str) -> Path:
     _need_torch()
-    from mptq_onnx.export import export_model
+    from mptq_onnx.exporter import export_model
 
     card = shared_dir / "models" / f"{name}.json"
     if not card.is_file():

@@ -54,3 +54,15 @@ def test_api_refuses_what_the_cli_refuses(embedded_onnx, tmp_path):
         mptq_onnx.quantize(embedded_onnx, embedded_calib_dir(), tmp_path / "q.onnx", mp_images=8)
     assert not (tmp_path / "q.onnx").exists()
     assert isinstance(mptq_onnx.__version__, str) and mptq_onnx.__version__[0].isdigit()
+
+
+def test_api_names_survive_importing_every_module():
+    """The API's functions are not shadowed by submodules of the same name (evaluator, deployer and
+    exporter are named apart from evaluate, deploy and export for that)."""
+    import importlib
+    import pkgutil
+    for m in pkgutil.iter_modules(mptq_onnx.__path__):
+        if m.name != "__main__":
+            importlib.import_module(f"mptq_onnx.{m.name}")
+    for name in ("quantize", "evaluate", "deploy", "export"):
+        assert callable(getattr(mptq_onnx, name)) and getattr(mptq_onnx, name).__module__ == "mptq_onnx.api"

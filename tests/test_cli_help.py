@@ -125,7 +125,7 @@ def test_options_that_would_do_nothing_are_refused(args, words, tmp_path, capsys
 def test_deploy_accuracy_levels_are_the_clis():
     """One truth for MatMulNBits' accuracy levels: the library refuses what the CLI does not offer."""
     from mptq_onnx.cli import build_parser
-    from mptq_onnx.deploy import ACCURACY_LEVELS, DeployConfig
+    from mptq_onnx.deployer import ACCURACY_LEVELS, DeployConfig
     from mptq_onnx.errors import MptqError
     act = next(a for a in build_parser()._subparsers._group_actions[0].choices["deploy"]._actions
                if "--accuracy-level" in a.option_strings)

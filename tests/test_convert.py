@@ -12,7 +12,7 @@ from mptq_onnx.cli import main
 from mptq_onnx.convert import convert
 from mptq_onnx.data import load_calibration
 from mptq_onnx.embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model
-from mptq_onnx.evaluate import evaluate
+from mptq_onnx.evaluator import evaluate
 from mptq_onnx.modelio import get_preprocess, load_model
 from mptq_onnx.plan import QuantConfig
 

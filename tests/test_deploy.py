@@ -9,7 +9,7 @@ import pytest
 from mptq_onnx.cli import main
 from mptq_onnx.convert import convert
 from mptq_onnx.data import load_calibration
-from mptq_onnx.deploy import (INTEGER_KERNELS, DeployConfig, deploy, deploy_file, kernel_counts,
+from mptq_onnx.deployer import (INTEGER_KERNELS, DeployConfig, deploy, deploy_file, kernel_counts,
                               optimized_graph, report_path)
 from mptq_onnx.embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model
 from mptq_onnx.modelio import get_metadata, get_preprocess, save_model

@@ -1,4 +1,4 @@
-"""mptq_onnx.evaluate: sessions, accuracy against a numpy reference, error cases."""
+"""mptq_onnx.evaluator: sessions, accuracy against a numpy reference, error cases."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from mptq_onnx.errors import MptqError
-from mptq_onnx.evaluate import EvalResult, evaluate, make_session
+from mptq_onnx.evaluator import EvalResult, evaluate, make_session
 from mptq_onnx.modelio import Preprocess, set_preprocess
 
 MEAN = (0.5, 0.5, 0.5)

@@ -55,7 +55,7 @@ def _torch_logits(module, x: np.ndarray) -> np.ndarray:
 def test_timm_export_matches_torch(timm_onnx, name):
     import timm
 
-    from mptq_onnx.export import build_model
+    from mptq_onnx.exporter import build_model
 
     path = timm_onnx(name)
     model = onnx.load(str(path))
@@ -90,7 +90,7 @@ def test_timm_export_matches_torch(timm_onnx, name):
 @pytest.mark.needs_torch
 def test_torchscript_exporter_and_opset_bump(tmp_path):
     pytest.importorskip("timm")
-    from mptq_onnx.export import build_model, bump_opset, export_model, to_onnx
+    from mptq_onnx.exporter import build_model, bump_opset, export_model, to_onnx
 
     built = build_model("deit_tiny_patch16_224", img_size=32, num_classes=10)
     assert built.preprocess.input_size == (3, 32, 32)
@@ -155,7 +155,7 @@ def test_card_export_deit_tin(deit_tin_onnx, shared_dir):
 @pytest.mark.needs_shared
 @pytest.mark.needs_torch
 def test_card_export_is_deterministic(deit_tin_onnx, tmp_path):
-    from mptq_onnx.export import export_model
+    from mptq_onnx.exporter import export_model
 
     again = export_model("deit_tiny_tin", tmp_path / "again.onnx", verify=False, log=None)  # by card name
     assert again.read_bytes() == Path(deit_tin_onnx).read_bytes()
@@ -164,7 +164,7 @@ def test_card_export_is_deterministic(deit_tin_onnx, tmp_path):
 @pytest.mark.needs_shared
 @pytest.mark.needs_torch
 def test_bad_checkpoint(shared_dir):
-    from mptq_onnx.export import build_model
+    from mptq_onnx.exporter import build_model
 
     with pytest.raises(MptqError, match="missing keys"):
         build_model(str(shared_dir / "models" / "deit_tiny_tin.json"),
@@ -214,7 +214,7 @@ def test_embedded_matches_card_export(embedded_onnx, deit_tin_onnx, shared_dir):
 @pytest.mark.needs_torch
 def test_unknown_name_suggests(tmp_path):
     pytest.importorskip("timm")
-    from mptq_onnx.export import export_model
+    from mptq_onnx.exporter import export_model
 
     with pytest.raises(MptqError, match="deit_tiny_patch16_224"):
         export_model("deit_tiny_patch16_244", tmp_path / "x.onnx", log=None)
@@ -222,7 +222,7 @@ def test_unknown_name_suggests(tmp_path):
 
 
 def test_existing_output_needs_force(tmp_path):
-    from mptq_onnx.export import export_model
+    from mptq_onnx.exporter import export_model
 
     out = tmp_path / "m.onnx"
     out.write_bytes(b"keep me")
@@ -232,7 +232,7 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_missing_card(tmp_path):
-    from mptq_onnx.export import export_model
+    from mptq_onnx.exporter import export_model
 
     with pytest.raises(MptqError, match="card not found"):
         export_model(str(tmp_path / "no_such_card.json"), tmp_path / "x.onnx", log=None)

@@ -276,15 +276,15 @@ def test_demo_out_dir_rules(tmp_path, capsys):
 
 @pytest.fixture
 def no_build(monkeypatch):
-    import mptq_onnx.export
+    import mptq_onnx.exporter
 
     def boom(*a, **k):
         raise AssertionError("the export started before the output path was checked")
-    monkeypatch.setattr(mptq_onnx.export, "build_model", boom)
+    monkeypatch.setattr(mptq_onnx.exporter, "build_model", boom)
 
 
 def test_export_checks_output_first(tmp_path, capsys, no_build):
-    from mptq_onnx.export import export_model
+    from mptq_onnx.exporter import export_model
 
     f = tmp_path / "afile"
     f.write_bytes(OLD)

@@ -19,7 +19,7 @@ from mptq_onnx.check import check_result
 from mptq_onnx.cli import main
 from mptq_onnx.embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model
 from mptq_onnx.errors import MptqError
-from mptq_onnx.export import CLASS_NAMES_KEY
+from mptq_onnx.exporter import CLASS_NAMES_KEY
 from mptq_onnx.modelio import save_model, set_metadata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from mptq_onnx.calibrate import map_large_allocations  # noqa: E402
 from mptq_onnx.convert import convert  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
-from mptq_onnx.evaluate import evaluate  # noqa: E402
+from mptq_onnx.evaluator import evaluate  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model, save_model  # noqa: E402
 from tools.specs import float_model, quant_config  # noqa: E402
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mptq_onnx.embedded import EMBEDDED_DIR, EMBEDDED_MODEL, load_embedded_model, to_float16_storage  # noqa: E402
-from mptq_onnx.export import export_model  # noqa: E402
+from mptq_onnx.exporter import export_model  # noqa: E402
 from mptq_onnx.modelio import load_model, save_model  # noqa: E402
 
 MAX_BYTES = 15 * 1024 * 1024
@@ -39,7 +39,7 @@ nor network. Load it with `mptq_onnx.embedded`:
 
 | path | what | where from |
 | --- | --- | --- |
-| `deit_tiny_tin.fp16.onnx` | DeiT-Ti (patch 8, 64x64 input, 202 classes), opset 21, dynamic batch, preprocessing in its metadata | `../shared/models/deit_tiny_tin.{{json,safetensors}}` exported by `mptq_onnx.export.export_model` |
+| `deit_tiny_tin.fp16.onnx` | DeiT-Ti (patch 8, 64x64 input, 202 classes), opset 21, dynamic batch, preprocessing in its metadata | `../shared/models/deit_tiny_tin.{{json,safetensors}}` exported by `mptq_onnx.exporter.export_model` |
 | `calib/` | {n_calib} JPEGs: 1 per class, ImageFolder layout | first file (sorted) of each class folder of `../shared/data/tin_calib` (Tiny-ImageNet *train* images) |
 | `val/` | {n_val} JPEGs: 2 per class, ImageFolder layout | first two files (sorted) of each class folder of `../shared/data/tin_val_dev` (Tiny-ImageNet *val* images) |
 

@@ -34,7 +34,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 from mptq_onnx.data import load_calibration
 from mptq_onnx.errors import MptqError
-from mptq_onnx.evaluate import evaluate
+from mptq_onnx.evaluator import evaluate
 from mptq_onnx.modelio import PREPROCESS_KEY, get_metadata, get_preprocess, image_input, load_model, set_metadata
 
 OP_TYPES = ["MatMul", "Gemm", "Conv"]

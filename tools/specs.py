@@ -17,7 +17,7 @@ def float_model(card: str, shared: Path, work: Path) -> Path:
     """The float ONNX export of a model card of ../shared/models, exported into `work` if missing."""
     path = Path(work) / f"{card}.onnx"
     if not path.exists():
-        from mptq_onnx.export import export_model  # torch: only when an export is needed
+        from mptq_onnx.exporter import export_model  # torch: only when an export is needed
         path.parent.mkdir(parents=True, exist_ok=True)
         export_model(str(Path(shared) / "models" / f"{card}.json"), path)
     return path

@@ -35,7 +35,7 @@ def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
         except Exception:
             # the converter fails on adapters it lacks; raising the import in place is right only
             # where every op means the same at 21 (bump_opset checks that)
-            from ..export import bump_opset
+            from ..exporter import bump_opset
             try:
                 model = bump_opset(model, TARGET_OPSET)
             except MptqError as e:

@@ -212,7 +212,7 @@ class ParetoMP(Pass):
         assuming top-1 does not fall as bits grow. Every tried point goes into the report."""
         from ..calibrate import session
         from ..data import ImageFolder, iter_batches, spread_indices
-        from ..evaluate import folder_labels
+        from ..evaluator import folder_labels
         from ..modelio import get_preprocess
         cfg = ctx.config
         ds = ImageFolder(cfg.val_dir, get_preprocess(ctx.model))

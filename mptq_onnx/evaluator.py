@@ -78,7 +78,7 @@ def folder_labels(model: onnx.ModelProto, folders: list[str], data_dir) -> np.nd
     an error; with only a class count, the folders must be exactly that many (ImageFolder numbers
     them by position, so any other count would pair images with the wrong labels).
     """
-    from .export import CLASS_NAMES_KEY, NUM_CLASSES_KEY
+    from .exporter import CLASS_NAMES_KEY, NUM_CLASSES_KEY
 
     raw = get_metadata(model, CLASS_NAMES_KEY)
     names = json.loads(raw) if raw else None
