@@ -3,23 +3,21 @@ forward passes that does not grow with the number of quantizers (Xiao et al., 20
 our issue; the paper's own metric is not public, this is ours).
 
 A *quantizer* is what a bit allocator moves: one site's weights, or all of one site's inputs.
-The probe graph adds to every quantizer k its fake-quantization error at the probe width through
-a per-image switch: x + m[n, k] (Q(x) - x) for activations, y + m[n, k] (x ΔW) for weights. One
-batch row is one (image, random switch vector) pair, so a single onnxruntime run scores as many
-random mixed configurations as it has rows. The KL to float of each row is regressed on its
-switches (non-negative least squares):
+The probe graph is the float model with every quantizer's error at the probe width (the lowest
+candidate) behind a switch: x + s·(Q(x) − x) for inputs, W + s·ΔW for weights. A fixed budget of
+rows (images x masks per image) is spread over the quantizers in rotation, one quantizer on per
+row, so each meets about rows / quantizers images whatever the model's size. A row's KL to float
+is divided by its image's mean over all its rows (images differ in how much any error moves
+them), and a quantizer's cost c_k at the probe width is the mean over its rows (the least-squares
+fit of KL ≈ Σ m_k c_k when one switch is on per row). Rows run from the cut before their
+quantizer's block, on float activations computed once (simulate.TailScorer), so a row costs
+about half a network pass on average.
 
-    KL(row) ≈ Σ_k m[row, k] c_k
-
-c_k is the cost of quantizer k at the probe width while about `density` of the others are on
-too: a global measure, taken inside mixed configurations like those the allocator builds, not
-from the all-high one. Other widths follow each quantizer's own quantization error on its
-calibration sample (the quadratic model: a small perturbation's KL grows with its noise power):
-Ω_k(b) = c_k · r_k^(b_probe - b), r_k the per-bit ratio of E_k at the probe width and the next
-candidate. E is computed from the data, so it needs no evaluation.
-
-Cost: rows / batch onnxruntime runs of the whole network (`rows` = images x masks per image),
-against Greedy MP's two tail runs per quantizer.
+Other widths come from the data, not from evaluations: each quantizer's error energy on its
+calibration sample at the probe width and the next candidate gives a per-bit ratio r, and
+Ω_k(b) = c_k · r^(b_probe − b) (the quadratic model: a small perturbation's KL grows with its
+noise power). Switching several quantizers on per row (a random design) ranked them worse: see
+docs/journal.md, session 14.
 """
 from __future__ import annotations
 
@@ -35,6 +33,7 @@ from .emit import Editor
 from .quantizers import Quantizer, fake_quant
 
 RATIO_RANGE = (2.0, 16.0)  # per-bit growth of a quantizer's cost (as Greedy MP's extrapolation)
+MAX_CUTS = 16
 
 
 @dataclasses.dataclass
@@ -137,11 +136,6 @@ def probe_masks(n_rows: int, k: int, seed: int) -> np.ndarray:
     return m
 
 
-def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from scipy.optimize import nnls as _nnls
-    return _nnls(a.astype(np.float64), b.astype(np.float64), maxiter=50 * a.shape[1])[0]
-
-
 def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bits: int, images: np.ndarray,
                        ref_logits: np.ndarray, masks_per_image: int, progress: bool = False,
                        per_image: bool = True) -> Sensitivity:
@@ -159,7 +153,9 @@ def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bit
     # one quantizer per row: nothing before its block is switched on, so its rows run from the
     # cut before that block on the float activations there, computed once (simulate.TailScorer)
     from .simulate import TailScorer
-    tails = TailScorer(_ProbeSim(probe), images, {})
+    # at most 16 cuts: each is a session to build (65 ms each on swin_tiny_tin, 34 cuts), while
+    # starting at the previous cut instead runs only a little more of the network
+    tails = TailScorer(_ProbeSim(probe), images, {}, max_cuts=MAX_CUTS)
     on = np.ones((1, 1), np.float32)
     work = [(k, np.flatnonzero(masks[:, k]), {switches[k]: on}) for k in range(len(items))]
     work = [w for w in work if len(w[1])]
@@ -173,8 +169,11 @@ def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bit
     if per_image:  # images differ in how much any error moves them: each image's rows to its mean
         img_mean = np.bincount(img_of, kl, minlength=n) / np.bincount(img_of, minlength=n)
         y = kl / np.maximum(img_mean[img_of], 1e-12) * kl.mean()
-    c = nnls(masks, y)
-    pred = masks @ c
+    # one quantizer per row: the least-squares cost of each is the mean of its rows (never below 0)
+    k_of = masks.argmax(axis=1)
+    cnt = np.bincount(k_of, minlength=len(items))
+    c = np.maximum(np.bincount(k_of, y, minlength=len(items)) / np.maximum(cnt, 1), 0.0)
+    pred = c[k_of]
     r2 = 1.0 - float(np.square(y - pred).sum() / max(np.square(y - y.mean()).sum(), 1e-30))
     # other widths: each quantizer's error energy at the probe width and the next candidate gives
     # its per-bit ratio r (kept within Greedy MP's [2, 16]), then Ω(b) = c · r^(probe - b). Two

@@ -155,7 +155,9 @@ class TailScorer:
     MAX_LIVE = 1  # activations crossing a cut: the residual stream (a larger value adds cuts, and sessions)
 
     def __init__(self, sim: Simulator, images: np.ndarray, base_feeds: dict[str, np.ndarray],
-                 threads: int | None = None):
+                 threads: int | None = None, max_cuts: int | None = None):
+        """`max_cuts`: use at most that many cuts, evenly spread (fewer sessions to build, at the
+        cost of running a little more of the network per configuration)."""
         self.sim, self.images, self.base, self.threads = sim, images, dict(base_feeds), threads
         g = sim.model.graph
         self.nodes = list(g.node)
@@ -192,6 +194,9 @@ class TailScorer:
                 self.cuts[i] = tuple(sorted(live))
             live.update(o for o in n.output if o and o not in const)
         self._positions = sorted(self.cuts)
+        if max_cuts and len(self._positions) > max_cuts:
+            keep = np.linspace(0, len(self._positions) - 1, max_cuts).round().astype(int)
+            self._positions = [self._positions[i] for i in sorted(set(keep))]
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._sess: dict[int, tuple] = {}  # cut -> (session, its input names)
         self._types: dict[str, onnx.ValueInfoProto] | None = None

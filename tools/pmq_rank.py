@@ -32,9 +32,19 @@ from mptq_onnx.plan import Context, QuantConfig  # noqa: E402
 from mptq_onnx.sensitivity import Item, global_sensitivity  # noqa: E402
 
 
+def _ranks(a) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    r = np.empty(len(a))
+    r[np.argsort(a, kind="stable")] = np.arange(len(a), dtype=np.float64)
+    _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
+    for i in np.flatnonzero(counts > 1):
+        r[inv == i] = r[inv == i].mean()  # ties share their mean rank
+    return r
+
+
 def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-    return float(spearmanr(a, b).statistic)
+    """Spearman's rank correlation (ties at their mean rank)."""
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
 
 def main(argv=None) -> int:

@@ -186,6 +186,17 @@ CASES = [
     Case("eval: model outputs NaN logits", lambda d: [
         "eval", str(_model(d, edit=lambda m: _set(m, "head.bias", lambda a: a * np.float32(np.nan)))),
         "--data", str(embedded_val_dir()), "--limit", "8", "-q"]),
+    Case("--target-bits 2 (below every candidate width)", lambda d: _convert(d, "--recipe", "mptq", "--target-bits", "2")),
+    Case("--mp-images without --target-bits", lambda d: _convert(d, "--mp-images", "8")),
+    Case("--iters 0 with --reconstruct", lambda d: _convert(d, "--reconstruct", "--iters", "0")),
+    Case("--recon-loss without --reconstruct", lambda d: _convert(d, "--recon-loss", "fisher")),
+    Case("--act-method with --recipe mptq", lambda d: _convert(d, "--recipe", "mptq", "--act-method", "minmax")),
+    Case("--softmax-quantizer with --recipe ias", lambda d: _convert(d, "--recipe", "ias", "--softmax-quantizer",
+                                                                      "sulq")),
+    Case("--patch-bits without --patchwise", lambda d: _convert(d, "--patch-bits", "3")),
+    Case("--max-drop without --val", lambda d: _convert(d, "--recipe", "pmq", "--max-drop", "1")),
+    Case("--frontier-plot with --allocator greedy", lambda d: _convert(
+        d, "--recipe", "mptq", "--target-bits", "5", "--allocator", "greedy", "--frontier-plot", str(d / "f.png"))),
     Case("eval: static batch of 1 (evaluates)", lambda d: [
         "eval", str(_model(d, edit=_static_batch)), "--data", str(embedded_val_dir()), "--limit", "8", "-q"],
         expect_rc=0),
