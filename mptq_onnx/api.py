@@ -7,7 +7,8 @@
     mptq_onnx.deployer(res.model_path)
 
 Options are QuantConfig's fields (`recipe`, `wbits`, `abits`, `target_bits`, `allocator`,
-`reconstruct`, `recon_iters`, ...) with the CLI's defaults, and are checked as the CLI checks its
+`reconstruct`, `recon_iters`, ...) and the preprocessing overrides (`mean`, `std`, `size`,
+`crop_pct`, `interpolation`), with the CLI's defaults, and are checked as the CLI checks its
 flags: an option that would do nothing is refused, not dropped.
 """
 from __future__ import annotations
@@ -57,10 +58,12 @@ def quantize(model: PathLike, calib: PathLike, output: PathLike | None = None, *
     JSON report, exactly as `mptq-onnx convert` does (the same report for the same options).
     `output` defaults to a name beside `model`; nothing is overwritten without `force`."""
     from .cli import default_output, run_convert
-    from .modelio import get_preprocess, load_model
+    from .modelio import load_model
+    from .preprocess import PreprocessOverrides, resolve
+    pre = {k: options.pop(k) for k in ("mean", "std", "size", "crop_pct", "interpolation") if k in options}
     cfg = quant_config(**options)
     src = Path(model)
-    pp = get_preprocess(load_model(src))
+    pp = resolve(load_model(src), src, PreprocessOverrides(**pre))
     out = Path(output) if output is not None else default_output(src, cfg)
     _, rep = run_convert(src, None, calib, cfg, out, force, Path(report) if report else None, pp=pp)
     rp = Path(report) if report else out.with_suffix(".report.json")

@@ -60,7 +60,12 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     plan = plan_outputs({"input model": model_path, "--calib file": calib_file},
                         {"output": output, "--frontier-plot": plot, "report": rp},
                         force, may_write={"external data": output.with_name(output.name + ".data")})
-    pp = pp or get_preprocess(model if model is not None else load_model(model_path))
+    src = "the model's metadata"
+    if pp is None:
+        from .preprocess import resolve
+        pp, src = resolve(model if model is not None else load_model(model_path), model_path)
+    elif isinstance(pp, tuple):
+        pp, src = pp
     map_large_allocations()  # process-wide, so the CLI's choice and not the library's
     t0 = time.perf_counter()
     images = open_calibration(calib, pp, cfg.calib_size, progress=cfg.progress)  # read batch by batch
@@ -70,6 +75,10 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
         recon = open_calibration(calib, pp, cfg.recon_images, progress=cfg.progress,
                                  fewer_ok=cfg.recon_images == RECON_IMAGES_DEFAULT)
     ctx = convert(model if model is not None else model_path, images, cfg, recon_images=recon)
+    from .modelio import set_preprocess
+    from .preprocess import record
+    set_preprocess(ctx.model, pp)  # what calibration used travels with the quantized model (eval reads it)
+    ctx.report["preprocess"] = record(pp, src)
     with plan.staging() as st:  # the model, then the report, land together at the end of the block
         save_model(ctx.model, output, staging=st)
         report = {"input": str(model_path) if model_path else "embedded:deit_tiny_tin", "output": str(output),
@@ -137,11 +146,21 @@ def _config(a):
     return cfg
 
 
+def _overrides(a):
+    from .preprocess import PreprocessOverrides
+    o = PreprocessOverrides(mean=tuple(a.mean) if a.mean else None, std=tuple(a.std) if a.std else None,
+                            size=a.size, crop_pct=a.crop_pct, interpolation=a.interpolation)
+    o.validate()
+    return o
+
+
 def cmd_convert(a) -> int:
-    from .modelio import get_preprocess, load_model
+    from .modelio import load_model
+    from .preprocess import resolve
     cfg = _config(a)
     src = Path(a.model)
-    pp = get_preprocess(load_model(src))  # a bad file fails first; convert reads the model again and owns it
+    # a bad file fails first; convert reads the model again and owns it
+    pp = resolve(load_model(src), src, _overrides(a))
     out = Path(a.output) if a.output else default_output(src, cfg)
     if a.calib is None:
         raise MptqError("--calib is required: an image folder or an .npy/.npz of preprocessed images")
@@ -151,7 +170,11 @@ def cmd_convert(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluator import evaluate
-    res = evaluate(a.model, a.data, batch_size=a.batch_size, limit=a.limit, progress=not a.quiet and not a.json)
+    from .modelio import load_model
+    from .preprocess import resolve
+    pp, _ = resolve(load_model(a.model, load_external=False), a.model, _overrides(a))
+    res = evaluate(a.model, a.data, batch_size=a.batch_size, limit=a.limit, progress=not a.quiet and not a.json,
+                   preprocess=pp)
     if a.json:
         print(json.dumps(res.to_dict(), sort_keys=True))
     else:
@@ -182,14 +205,16 @@ def cmd_demo(a) -> int:
     """Convert the embedded deit_tiny_tin on its embedded images and compare it with float."""
     from .embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model
     from .evaluator import evaluate
+    from .preprocess import resolve
     cfg = _config(a)
     model = load_embedded_model()
+    pp = resolve(model, None, _overrides(a))  # the embedded model's own, unless flags say otherwise
     out_dir = Path(a.out_dir) if a.out_dir else Path(tempfile.mkdtemp(prefix="mptq_demo_"))
     out = out_dir / (default_output(Path("deit_tiny_tin.onnx"), cfg).name)
-    run_convert(None, model, embedded_calib_dir(), cfg, out, a.force or not a.out_dir, None)
+    run_convert(None, model, embedded_calib_dir(), cfg, out, a.force or not a.out_dir, None, pp=pp)
     val = embedded_val_dir()
-    f = evaluate(model, val, progress=not a.quiet)
-    q = evaluate(out, val, progress=not a.quiet)
+    f = evaluate(model, val, progress=not a.quiet, preprocess=pp[0])
+    q = evaluate(out, val, progress=not a.quiet, preprocess=pp[0])
     print(f"\nembedded deit_tiny_tin, {f.images} val images ({val})")
     print(f"  float32            top-1 {f.top1:.4f}  top-5 {f.top5:.4f}")
     print(f"  {out.stem.split('.', 1)[1]:<18} top-1 {q.top1:.4f}  top-5 {q.top5:.4f}")
@@ -211,6 +236,16 @@ def cmd_deploy(a) -> int:
 
 
 RECON_IMAGES_DEFAULT = 512  # on deit_tiny_tin, reconstruction on 128 images did not lower the KL of held-out images
+
+
+def _add_preprocess_args(p):
+    p.add_argument("--mean", type=float, nargs=3, default=None, metavar="M",
+                   help="preprocessing: per-channel mean (default: the model's metadata, else a preprocessor_config.json "
+                        "beside it, else ImageNet's, said in one line)")
+    p.add_argument("--std", type=float, nargs=3, default=None, metavar="S", help="preprocessing: per-channel std")
+    p.add_argument("--size", type=int, default=None, help="preprocessing: input height = width in pixels")
+    p.add_argument("--crop-pct", type=float, default=None, help="preprocessing: center-crop fraction (1: no crop)")
+    p.add_argument("--interpolation", default=None, help="preprocessing: bicubic | bilinear | nearest | ...")
 
 
 def _add_quant_args(p):
@@ -345,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="JSON report path (default: <output>.report.json)")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     _add_quant_args(p)
+    _add_preprocess_args(p)
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("eval", help="top-1/top-5 of an ONNX classifier on an ImageFolder", **_help("eval"))
@@ -354,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime run (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_preprocess_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("inspect", help="per-layer table of a (quantized) model", **_help("inspect"))
@@ -382,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="where to write the quantized model (default: a temp dir)")
     p.add_argument("--force", action="store_true", help="overwrite the model and report in --out-dir")
     _add_quant_args(p)
+    _add_preprocess_args(p)
     p.set_defaults(fn=cmd_demo)
     return ap
 

@@ -50,6 +50,9 @@ def _default(a: argparse.Action) -> str:
     return f"`{a.default}`"
 
 
+GROUPED = "preprocessing:"  # options whose help starts so share one row
+
+
 def _key(a: argparse.Action) -> tuple:
     return (tuple(a.option_strings), a.dest, a.help, repr(a.default), a.nargs)
 
@@ -68,7 +71,13 @@ def render(ap: argparse.ArgumentParser) -> str:
         out.append(f"`mptq-onnx {name}`: {_cell(p.description or dict(_help_lines(ap)).get(name, ''))}\n")
         out.append("| argument | default | what it does |")
         out.append("|---|---|---|")
+        grouped = [a for a in rows if (a.help or "").startswith(GROUPED)]
         for a in rows:
+            if a in grouped:  # the preprocessing flags: one row
+                if a is grouped[0]:
+                    out.append(f"| {', '.join(_flag(g) for g in grouped)} | - | {_cell(a.help or '')} "
+                               f"({'; '.join(_cell((g.help or '')[len(GROUPED):].strip()) for g in grouped[1:])}) |")
+                continue
             out.append(f"| {_flag(a)} | {_default(a)} | {_cell(a.help or '')} |")
         for other, same in shared.items():
             out.append(f"| and the {len(same)} options of `{other}` | | "

@@ -81,6 +81,12 @@ def _static_batch(m):
     m.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
 
 
+def _no_preprocess(m):
+    keep = [p for p in m.metadata_props if p.key != "mptq.preprocess"]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+
+
 def _not_4d(m):
     del m.graph.input[0].type.tensor_type.shape.dim[3]
 
@@ -151,6 +157,8 @@ CASES = [
     Case("static batch of 1 (converts)", lambda d: _convert(d, model_edit=_static_batch), expect_rc=0),
     Case("LayerNorm decomposed, opset < 17 style (converts)", lambda d: _convert(d, model_edit=_decomposed_ln),
          expect_rc=0),
+    Case("no preprocessing in the model nor beside it (converts, says what it assumed)",
+         lambda d: _convert(d, model_edit=_no_preprocess), expect_rc=0),
     Case("--skip matches nothing", lambda d: _convert(d, "--skip", "haed")),
     Case("--wbits 9", lambda d: _convert(d, "--wbits", "9")),
     Case("calibration .npy of uint8 pixels", lambda d: [
