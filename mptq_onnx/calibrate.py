@@ -16,6 +16,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from .modelio import LARGE_BYTES, fill_shell, image_input, take_weights, tensor_nbytes
+from .runtime import make_session, session_options  # noqa: F401 (session_options: for callers)
 
 
 @dataclasses.dataclass
@@ -49,20 +50,6 @@ class CalibData:
     logits: np.ndarray                 # float model outputs on `images`
     full_images: int = 0               # images the whole-tensor samples hold
     batch_size: int = 0                # images per onnxruntime run
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Full optimizations, but INT4 DequantizeLinear+MatMul fused to MatMulNBits computes in fp32.
-
-    onnxruntime's default for that fusion (accuracy level 4) requantizes the MatMul input to int8
-    blocks, which is not the computation the QDQ graph describes; level 1 is bit-exact with it.
-    """
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
 
 
 def _libc():
@@ -159,14 +146,7 @@ def session(model: onnx.ModelProto, threads: int | None = None,
     its graph (AddExternalInitializers), so the caller may drop them once the session exists."""
     if external is None:
         model, external = lean_copy(model)
-    so = session_options(threads)
-    so.log_severity_level = 3
-    names = sorted(external or {})
-    values = [v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for v in
-              (external[n] for n in names)]
-    if names:
-        so.add_external_initializers(names, values)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = make_session(model, threads=threads, external=external)
     fixed = {i.name: i.shape[0] for i in sess.get_inputs()
              if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
     return FixedBatchSession(sess, fixed) if fixed else sess

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ImageFolder, _decoded, _first_line, _warn, load_calibration, load_image, spread_indices
+from .data import ImageFolder, _decoded, _warn, load_calibration, load_image, spread_indices
+from .runtime import first_line
 from .errors import MptqError
 from .modelio import Preprocess
 
@@ -52,8 +53,8 @@ def open_calibration(source: str | os.PathLike, pp: Preprocess, n: int = 128, pr
         for i, res in _decoded(ds, spread_indices(len(ds), n), workers=max(1, min(4, (os.cpu_count() or 1) // 2))):
             if isinstance(res, BaseException):
                 n_bad += 1
-                first_err = first_err or _first_line(res)
-                _warn(f"warning: skipping unreadable image {ds.samples[i][0]} ({_first_line(res)})")
+                first_err = first_err or first_line(res)
+                _warn(f"warning: skipping unreadable image {ds.samples[i][0]} ({first_line(res)})")
             else:
                 ok.append(i)
         if not ok:

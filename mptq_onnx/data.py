@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import MptqError
+from .runtime import first_line
 from .modelio import Preprocess
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -36,11 +37,6 @@ _INTERPOLATION = {
 def _warn(msg: str) -> None:
     # tqdm.write keeps an active progress bar intact
     tqdm.write(msg, file=sys.stderr)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0]}" if s else type(e).__name__
 
 
 def _resample(name: str) -> Image.Resampling:
@@ -252,8 +248,8 @@ def iter_batches(ds: ImageFolder, batch_size: int, indices: Sequence[int] | None
             path, y = ds.samples[i]
             if isinstance(res, BaseException):
                 n_bad += 1
-                first_err = first_err or _first_line(res)
-                _warn(f"warning: skipping unreadable image {path} ({_first_line(res)})")
+                first_err = first_err or first_line(res)
+                _warn(f"warning: skipping unreadable image {path} ({first_line(res)})")
                 continue
             n_ok += 1
             xs.append(res)
@@ -284,7 +280,7 @@ def _load_array(path: Path) -> np.ndarray:
     except MptqError:
         raise
     except Exception as e:
-        raise MptqError(f"cannot read calibration tensors from {path} ({_first_line(e)})") from None
+        raise MptqError(f"cannot read calibration tensors from {path} ({first_line(e)})") from None
     return arr
 
 

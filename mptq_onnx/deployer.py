@@ -539,13 +539,10 @@ def deploy(model: onnx.ModelProto, cfg: DeployConfig | None = None) -> tuple[onn
 
 def optimized_graph(path: str | os.PathLike) -> onnx.ModelProto:
     """The graph a default onnxruntime CPU session runs (all optimizations, no session options)."""
-    import onnxruntime as ort
+    from .runtime import make_session
     with tempfile.TemporaryDirectory(prefix="mptq_deploy_") as d:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return onnx.load(so.optimized_model_filepath)
+        make_session(path, exact_int4=False, optimized_path=Path(d) / "optimized.onnx")
+        return onnx.load(Path(d) / "optimized.onnx")
 
 
 def kernel_counts(opt: onnx.ModelProto) -> dict[str, int]:

@@ -14,17 +14,14 @@ import onnxruntime as ort
 from .data import ImageFolder, iter_batches, spread_indices
 from .errors import MptqError
 from .modelio import Preprocess, get_metadata, get_preprocess, load_model
+from .runtime import first_line
+from .runtime import make_session as _runtime_session
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int | None = None,
@@ -34,22 +31,12 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int | None
     A path is opened by onnxruntime itself (so external-data files next to it are found);
     a ModelProto is serialized in memory.
     """
-    from .calibrate import session_options
-    so = session_options()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3  # errors only: no per-node warnings on stderr
     if isinstance(model, onnx.ModelProto):
-        src, what = model.SerializeToString(), "the in-memory model"
-    else:
-        p = Path(model)
-        if not p.is_file():
-            raise MptqError(f"ONNX file not found: {p}")
-        src, what = str(p), str(p)
-    try:
-        return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's Fail / InvalidGraph / NotImplemented ...
-        raise MptqError(f"onnxruntime cannot load {what}: {_first_line(e)}") from None
+        return _runtime_session(model, threads=threads, what="the in-memory model")
+    p = Path(model)
+    if not p.is_file():
+        raise MptqError(f"ONNX file not found: {p}")
+    return _runtime_session(p, threads=threads, what=str(p))
 
 
 @dataclasses.dataclass
@@ -155,7 +142,7 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
         try:
             logits = sess.run([out.name], {inp.name: x.astype(in_dtype, copy=False)})[0]
         except Exception as e:
-            raise MptqError(f"onnxruntime failed to run the model: {_first_line(e)}") from None
+            raise MptqError(f"onnxruntime failed to run the model: {first_line(e)}") from None
         infer_s += time.perf_counter() - t0
         logits = np.asarray(logits, dtype=np.float32).reshape(logits.shape[0], -1)[:n]
         if logits.shape[1] < n_classes:

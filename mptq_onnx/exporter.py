@@ -535,15 +535,13 @@ class Verification:
 
 def verify_onnx(proto: onnx.ModelProto, torch_model, input_size, *, batch: int = 2, seed: int = 0) -> Verification:
     """Run `batch` random inputs through onnxruntime and torch and compare the logits."""
+    from .runtime import make_session
     torch = _import_torch()
-    import onnxruntime as ort
 
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = torch_model(x).float().numpy()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = make_session(proto)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != ref.shape:
         raise MptqError(f"exported model gives logits of shape {got.shape}, torch gives {ref.shape}")

@@ -337,3 +337,12 @@ def test_trials_patch_and_restore(monkeypatch):
     assert e == err0 and best[3] in ("mean", "none")
     mod.apply("shift-only")
     assert np.all(sqb.smoothing_scale(np.ones(3), np.ones(3), -1) == 1)
+
+
+def test_sessions_are_made_in_one_place():
+    """Issue 25: every onnxruntime session in the package and the tools comes from runtime.make_session."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    made = [str(p.relative_to(repo)) for d in ("mptq_onnx", "tools") for p in (repo / d).rglob("*.py")
+            if "InferenceSession(" in p.read_text() and p.name != "runtime.py"]
+    assert made == []

@@ -32,6 +32,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import onnxruntime as ort
 
+from mptq_onnx.runtime import make_session  # noqa: E402
+
 
 def _load() -> str:
     try:
@@ -83,10 +85,7 @@ def measure(variants: dict[str, Path], batches: list[int], reps: int, threads: i
     """Seconds per run, per variant and batch size, interleaved."""
     sess = {}
     for k, p in variants.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        sess[k] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        sess[k] = make_session(p, threads=threads, exact_int4=False)  # what a default session runs
     names = list(variants)
     times: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in names}
     rng = np.random.default_rng(seed)
