@@ -14,6 +14,7 @@ flags: an option that would do nothing is refused, not dropped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -63,10 +64,12 @@ def quantize(model: PathLike, calib: PathLike, output: PathLike | None = None, *
     pre = {k: options.pop(k) for k in ("mean", "std", "size", "crop_pct", "interpolation") if k in options}
     cfg = quant_config(**options)
     src = Path(model)
-    pp = resolve(load_model(src), src, PreprocessOverrides(**pre))
+    notes: list[str] = []
+    pp = resolve(load_model(src), src, PreprocessOverrides(**pre), log=notes.append)
     out = Path(output) if output is not None else default_output(src, cfg)
-    _, rep = run_convert(src, None, calib, cfg, out, force, Path(report) if report else None, pp=pp)
+    _, rep = run_convert(src, None, calib, cfg, out, force, Path(report) if report else None, pp=pp, notes=notes)
     rp = Path(report) if report else out.with_suffix(".report.json")
+    rep = json.loads(rp.read_text())  # what the file holds (JSON types), as a CLI user reads it
     return QuantizeResult(out, rp, rep, rep.get("check", {}))
 
 

@@ -43,7 +43,7 @@ def default_output(src: Path, cfg) -> Path:
 
 
 def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force: bool, report_path: Path | None,
-                pp=None):
+                pp=None, notes: list[str] | None = None):
     """Shared by `convert` and `demo`: convert, save the model and its JSON report. With `model`
     None, convert reads `model_path` itself (and frees the float weights after canonicalizing);
     `pp`: the model's preprocessing, if already read."""
@@ -61,9 +61,10 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
                         {"output": output, "--frontier-plot": plot, "report": rp},
                         force, may_write={"external data": output.with_name(output.name + ".data")})
     src = "the model's metadata"
+    notes = [] if notes is None else notes
     if pp is None:
         from .preprocess import resolve
-        pp, src = resolve(model if model is not None else load_model(model_path), model_path)
+        pp, src = resolve(model if model is not None else load_model(model_path), model_path, log=notes.append)
     elif isinstance(pp, tuple):
         pp, src = pp
     map_large_allocations()  # process-wide, so the CLI's choice and not the library's
@@ -92,6 +93,8 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
                                                f"{model_path.name if model_path else 'embedded'}: {cfg.recipe}, "
                                                f"target {ctx.report['pareto_mp']['target']:g} bits"))
         st.write_bytes(rp, json.dumps(report, indent=1, sort_keys=True, default=float).encode())
+    for n in notes:
+        print(n, file=sys.stderr)
     print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB) and {rp}", file=sys.stderr)
     return ctx, report
 
@@ -159,12 +162,14 @@ def cmd_convert(a) -> int:
     from .preprocess import resolve
     cfg = _config(a)
     src = Path(a.model)
-    # a bad file fails first; convert reads the model again and owns it
-    pp = resolve(load_model(src), src, _overrides(a))
+    # a bad file fails first, before any note on its preprocessing; convert reads the model again
+    # and owns it
+    notes: list[str] = []  # said after the conversion, so that a bad input gets one error line only
+    pp = resolve(load_model(src), src, _overrides(a), log=notes.append)
     out = Path(a.output) if a.output else default_output(src, cfg)
     if a.calib is None:
         raise MptqError("--calib is required: an image folder or an .npy/.npz of preprocessed images")
-    run_convert(src, None, a.calib, cfg, out, a.force, Path(a.report) if a.report else None, pp=pp)
+    run_convert(src, None, a.calib, cfg, out, a.force, Path(a.report) if a.report else None, pp=pp, notes=notes)
     return 0
 
 

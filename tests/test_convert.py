@@ -133,7 +133,7 @@ def test_cli_convert_inspect_eval(emb, tmp_path, capsys):
     (["convert", "{tmp}/m.onnx", "--calib", "{calib}", "--image-bits", "12"], "--image-bits"),
     (["convert", "{tmp}/m.onnx", "--calib", "{calib}", "--mp-images", "0"], "--mp-images"),
     (["convert", "{tmp}/m.onnx", "--calib", "{calib}", "--weight-rounding", "gptq"], "needs a recipe that runs opt-m"),
-    (["convert", "{tmp}/m.onnx", "--calib", "{tmp}/empty"], ""),
+    (["convert", "{tmp}/m.onnx", "--calib", "{tmp}/empty"], "has no class sub-folders"),
     (["convert", "{tmp}/m.onnx", "--calib", "{calib}", "-o", "{tmp}/m.onnx", "--force"], "input model"),
     (["convert", "{tmp}/relu.onnx", "--calib", "{calib}"], "not a ViT"),
 ])

@@ -3,12 +3,14 @@ graph onnxruntime actually runs (its optimized model) and against the simulation
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from mptq_onnx.cli import main
 from mptq_onnx.convert import convert
 from mptq_onnx.data import load_calibration
+from mptq_onnx.errors import MptqError
 from mptq_onnx.deployer import (INTEGER_KERNELS, DeployConfig, deploy, deploy_file, kernel_counts,
                               optimized_graph, report_path)
 from mptq_onnx.embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model
@@ -83,6 +85,9 @@ def test_w4_weights_become_matmulnbits(converted, emb, tmp_path):
     rep = deploy_file(src, tmp_path / "d.onnx", DeployConfig(accuracy_level=1))
     counts = kernel_counts(optimized_graph(rep.output))
     assert counts.get("MatMulNBits") == 50, counts  # 48 block linears, patch embedding, head
+    levels = {a.i for n in onnx.load(str(rep.output)).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {1}  # what was asked for reaches the kernels (the default is 4)
     assert not {"MatMul", "Gemm", "Conv", "FusedMatMul"} & set(counts), counts
     assert (tmp_path / "d.onnx").stat().st_size < 1.1 * src.stat().st_size
     # accuracy_level 1: float32 products of the same 4-bit weights, the simulation's arithmetic
@@ -146,5 +151,5 @@ def test_refusals(converted, emb, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["deploy", str(out), "-o", str(tmp_path / "again.onnx")]) == 2
     assert "already deployed" in capsys.readouterr().err
-    with pytest.raises(Exception):
+    with pytest.raises(MptqError, match="not a model converted by mptq-onnx"):
         deploy(emb[0])
