@@ -216,13 +216,11 @@ def test_cli_convert_with_reconstruct(embedded_onnx, tmp_path):
     assert rep["reconstruct_loss"] == {"reconstruct": "fisher"}  # --recon-loss reaches the pass
     assert any(p["pass"] == "reconstruct" for p in rep["passes"])
     # a block whose loss training did not lower keeps its weights (and no "recon" in its methods)
-    weighted = [r for r in rep["layers"] if r["w_bits"]]
-    with_recon = [r for r in rep["layers"] if "recon" in r["method"]]
-    assert with_recon and all(r["w_bits"] for r in with_recon)
-    if all(r.get("kept", True) for r in rows):
-        assert len(with_recon) == len(weighted)
-    else:
-        assert len(with_recon) < len(weighted)
+    kept = {r["segment"] for r in rows if r.get("kept", True)}
+    assert kept
+    for r in rep["layers"]:
+        seg = next((k for k in (r["site"].rsplit(".", 2)[0], r["site"]) if k in {x["segment"] for x in rows}), None)
+        assert ("recon" in r["method"]) == (bool(r["w_bits"]) and seg in kept), r["site"]
 
 
 def test_reconstruct_without_torch_is_one_line_error(embedded_onnx, tmp_path, monkeypatch, capsys):
