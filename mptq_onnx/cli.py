@@ -107,8 +107,8 @@ def _given(a) -> set[str]:
 # (option, what it needs, test on the config): an option typed whose need is not met is refused,
 # never silently dropped (issue 25)
 _NEEDS = [
-    (("--mp-candidates", "--mp-images", "--allocator", "--frontier-plot"), "--target-bits or --max-drop",
-     lambda c: c.mixed()),
+    (("--mp-candidates", "--mp-images", "--allocator", "--frontier-plot", "--omega-from"),
+     "--target-bits or --max-drop", lambda c: c.mixed()),
     (("--val", "--val-size"), "--max-drop", lambda c: c.max_drop is not None),
     (("--iters", "--recon-batch", "--recon-lr", "--recon-scale-lr", "--recon-loss", "--recon-images", "--device"),
      "--reconstruct or --recipe ias", lambda c: c.reconstruct or c.recipe == "ias"),
@@ -141,7 +141,7 @@ def _config(a):
                       recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator,
                       frontier_plot=a.frontier_plot, patchwise=a.patchwise, patch_keep=a.patch_keep,
                       patch_bits=a.patch_bits, patch_score=a.patch_score, max_drop=a.max_drop,
-                      val_dir=a.val, val_size=a.val_size)
+                      val_dir=a.val, val_size=a.val_size, omega_from=a.omega_from)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
@@ -270,6 +270,9 @@ def _add_quant_args(p):
                         "within POINTS points of float (bisection, a few evaluations)")
     p.add_argument("--val", default=None, metavar="DIR", help="--max-drop: labelled images (ImageFolder)")
     p.add_argument("--val-size", type=int, default=1000, help="--max-drop: images of --val used (default 1000)")
+    p.add_argument("--omega-from", metavar="REPORT", default=None,
+                   help="--allocator pareto: reuse the sensitivity (Ω) in the report of an earlier conversion of the "
+                        "same model and recipe, so another --target-bits costs no new measurement")
     p.add_argument("--frontier-plot", metavar="PNG", default=None,
                    help="--allocator pareto: draw the frontier, the chosen point and the measured KL at every whole "
                         "bit into this PNG (needs matplotlib: the plot extra)")

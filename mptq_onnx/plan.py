@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -51,6 +52,7 @@ class QuantConfig:
     pmq_probe_bits: int | None = None  # width the PMQ metric measures at (None: the lowest candidate)
     pmq_measure_kl: bool = True       # measure the chosen allocation's KL (one evaluation, for the report)
     frontier_plot: str | None = None  # PNG of the frontier (pareto allocator; needs matplotlib)
+    omega_from: str | None = None     # reuse the Ω of an earlier run's report (pareto allocator)
     patchwise: bool = False           # PMQ's patch-wise bits inside attention (passes/patchwise.py)
     patch_keep: float = 0.5           # share of key tokens that keep the site's width
     patch_bits: int = 2               # width of the other tokens' attention·V operands
@@ -152,6 +154,11 @@ class QuantConfig:
                 raise MptqError("--max-drop needs --val DIR: labelled images (ImageFolder) to measure the drop on")
             if not self.max_drop >= 0 or self.val_size < 1:
                 raise MptqError("--max-drop must be >= 0 points and --val-size >= 1")
+        if self.omega_from is not None:
+            if self.allocator != "pareto" and self.recipe != "pmq":
+                raise MptqError("--omega-from reuses PMQ's sensitivity: it needs --allocator pareto")
+            if not Path(self.omega_from).is_file():
+                raise MptqError(f"--omega-from: report not found: {self.omega_from}")
         if self.frontier_plot is not None:
             if not self.mixed() or (self.allocator != "pareto" and self.recipe != "pmq"):
                 raise MptqError("--frontier-plot draws PMQ's frontier: give --target-bits with --allocator pareto "

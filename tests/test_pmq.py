@@ -290,3 +290,26 @@ def test_max_drop_bisects_the_frontier(embedded_onnx, tmp_path, drop):
         assert all(d > 0 for t, d in tried.items() if t < md["target"])
         assert (tried[md["target"]] <= 0) == md["met"]
     assert rep["avg_w_bits"] <= md["target"] + 1e-3 and rep["avg_a_bits"] <= md["target"] + 1e-3
+
+
+def test_omega_from_an_earlier_report_reads_the_frontier_again(embedded_onnx, tmp_path, capsys):
+    """--omega-from: a second target from the same Ω, no new measurement, the point the first
+    run's frontier showed for it."""
+    common = ["--recipe", "pmq", "--mp-images", "2", "--calib", str(embedded_calib_dir()), "--calib-size", "8", "-q"]
+    first = tmp_path / "a.onnx"
+    assert main(["convert", str(embedded_onnx), "--target-bits", "5", "-o", str(first), *common]) == 0
+    rep_a = json.loads(first.with_suffix(".report.json").read_text())
+    second = tmp_path / "b.onnx"
+    assert main(["convert", str(embedded_onnx), "--target-bits", "6.5", "--omega-from",
+                 str(first.with_suffix(".report.json")), "-o", str(second), *common]) == 0
+    rep_b = json.loads(second.with_suffix(".report.json").read_text())
+    mp = rep_b["pareto_mp"]
+    assert mp["runs"] == 0 and mp["rows"] == 0 and mp["metric_seconds"] < 1.0 and mp["omega"] == rep_a["pareto_mp"]["omega"]
+    then = next(p for p in rep_a["frontier"] if p["target"] == 6.5)
+    assert (rep_b["avg_w_bits"], rep_b["avg_a_bits"]) == (round(then["avg_w_bits"], 3), round(then["avg_a_bits"], 3))
+    # another model's (or recipe's) report is refused
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"pareto_mp": {"omega": {"x:w": {"4": 1.0}}}}))
+    assert main(["convert", str(embedded_onnx), "--target-bits", "5", "--omega-from", str(bad),
+                 "-o", str(tmp_path / "c.onnx"), *common]) == 2
+    assert "not this model's" in capsys.readouterr().err

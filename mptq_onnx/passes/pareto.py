@@ -8,8 +8,10 @@ every quarter bit) so a user sees the whole trade-off from one run.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +19,7 @@ import onnx
 from ..errors import MptqError
 from ..frontier import solve
 from ..plan import Context
-from ..sensitivity import Item, global_sensitivity
+from ..sensitivity import Item, Sensitivity, global_sensitivity
 from ..simulate import kl_divergence
 from .base import Pass, PassResult
 from .greedy_mp import UniformProvider, budget_shares, build_simulator
@@ -63,6 +65,31 @@ def gbops(plan, macs: dict[str, float], w_bits: dict[str, int] | None = None,
     return tot / 1e9
 
 
+def load_omega(path, items, cands) -> Sensitivity:
+    """Ω from the report of an earlier conversion of the same model and recipe (--omega-from)."""
+    t0 = time.perf_counter()
+    try:
+        rep = json.loads(Path(path).read_text())
+        mp = rep["pareto_mp"]
+        raw = mp["omega"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MptqError(f"--omega-from {path}: not the report of a conversion with PMQ's allocator "
+                        "(no pareto_mp.omega)") from None
+    want = {f"{it.key[0]}:{it.key[1]}" for it in items}
+    if set(raw) != want:
+        extra, missing = sorted(set(raw) - want), sorted(want - set(raw))
+        raise MptqError(f"--omega-from {path}: its quantizers are not this model's "
+                        f"({len(missing)} missing, e.g. {missing[:1]}; {len(extra)} unknown, e.g. {extra[:1]}): "
+                        "use the report of the same model and recipe")
+    if not set(map(str, cands)) <= set(next(iter(raw.values()), {})):
+        raise MptqError(f"--omega-from {path}: it scored widths {sorted(next(iter(raw.values())))}, not all of "
+                        f"{sorted(cands)}: give the same --mp-candidates")
+    omega = {(it.key[0], it.key[1]): {b: float(raw[f'{it.key[0]}:{it.key[1]}'][str(b)]) for b in cands}
+             for it in items}
+    return Sensitivity(omega, int(mp.get("probe_bits", min(cands))), 0, 0, time.perf_counter() - t0,
+                       float(mp.get("fit_r2", float("nan"))))
+
+
 def model_gbops(ctx: Context) -> float:
     """GBOPs per image of the plan as written (patch-wise attention·V sites at their mixed widths)."""
     from .patchwise import patch_gbops
@@ -91,8 +118,11 @@ class ParetoMP(Pass):
         probe = cfg.pmq_probe_bits or min(cands)
         imgs = ctx.calib_images[: cfg.mp_images]
         ref = ctx.calib.logits[: cfg.mp_images]
-        sens = global_sensitivity(ctx, prov, items, cands, probe, imgs, ref, cfg.pmq_masks,
-                                  progress=cfg.progress)
+        if cfg.omega_from:  # a previous run's Ω: this run only reads the frontier again
+            sens = load_omega(cfg.omega_from, items, cands)
+        else:
+            sens = global_sensitivity(ctx, prov, items, cands, probe, imgs, ref, cfg.pmq_masks,
+                                      progress=cfg.progress)
 
         t1 = time.perf_counter()
         asc = sorted(cands)
@@ -194,6 +224,7 @@ class ParetoMP(Pass):
             "target": target, "candidates": cands, "probe_bits": probe, "images": int(len(imgs)),
             "rows": sens.rows, "runs": sens.runs, "metric_seconds": round(sens.seconds, 3),
             "frontier_seconds": round(t_frontier, 4), "fit_r2": round(sens.fit_r2, 4),
+            "omega_from": str(cfg.omega_from) if cfg.omega_from else None,
             "omega": {f"{k[0]}:{k[1]}": {str(b): round(v, 8) for b, v in row.items()}
                       for k, row in sens.omega.items()}}
         ctx.report["frontier"] = points
