@@ -133,3 +133,15 @@ def test_deploy_accuracy_levels_are_the_clis():
     for lvl in (0, 2, 3):
         with pytest.raises(MptqError, match="accuracy-level"):
             DeployConfig(accuracy_level=lvl).validate()
+
+
+def test_prose_numbers_match_the_run_files():
+    """Issue 25: numbers quoted in the docs' prose are recomputed from docs/runs (tools/claims.py);
+    the old stage-1 sentence ("+4.75 to +13.62 points" on both models) fails it."""
+    import sys
+    sys.path.insert(0, str(REPO))
+    from tools import claims
+    assert claims.check() == []
+    old = "+4.75 to +13.62 points over the row above."
+    want = claims.CLAIMS[5][1].format(*claims.CLAIMS[5][2](claims._rows()))
+    assert claims._flat(want) not in claims._flat(old)
