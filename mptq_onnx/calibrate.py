@@ -16,7 +16,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from .modelio import LARGE_BYTES, fill_shell, image_input, take_weights, tensor_nbytes
-from .runtime import make_session, session_options  # noqa: F401 (session_options: for callers)
+from .runtime import make_session
 
 
 @dataclasses.dataclass

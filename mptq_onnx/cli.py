@@ -50,7 +50,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     from .calibrate import map_large_allocations
     from .convert import convert
     from .calibset import open_calibration
-    from .modelio import get_preprocess, load_model, save_model
+    from .modelio import load_model, save_model
     from .outputs import plan_outputs
 
     rp = report_path or output.with_suffix(".report.json")
@@ -175,11 +175,8 @@ def cmd_convert(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluator import evaluate
-    from .modelio import load_model
-    from .preprocess import resolve
-    pp, _ = resolve(load_model(a.model, load_external=False), a.model, _overrides(a))
     res = evaluate(a.model, a.data, batch_size=a.batch_size, limit=a.limit, progress=not a.quiet and not a.json,
-                   preprocess=pp)
+                   overrides=_overrides(a))  # the model is read once, its preprocessing resolved as convert does
     if a.json:
         print(json.dumps(res.to_dict(), sort_keys=True))
     else:

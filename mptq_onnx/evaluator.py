@@ -91,17 +91,21 @@ def _static(d) -> int | None:
 
 def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.PathLike,
              batch_size: int = 64, limit: int | None = None, progress: bool = True,
-             preprocess: Preprocess | None = None, threads: int | None = None) -> EvalResult:
+             preprocess: Preprocess | None = None, threads: int | None = None, overrides=None) -> EvalResult:
     """Accuracy of `model` (first input: images NCHW, first output: logits) on an ImageFolder.
 
     `limit` evaluates an evenly spread subset (all classes covered).  The preprocessing comes
-    from the model's metadata unless `preprocess` is given.
+    from the model's metadata unless `preprocess` is given; with `overrides` (the CLI's flags,
+    a preprocess.PreprocessOverrides) it is resolved as `convert` resolves it (preprocess.resolve).
     """
     t_start = time.perf_counter()
     if batch_size < 1:
         raise MptqError(f"batch size must be at least 1, got {batch_size}")
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external=False)
-    if preprocess is None:
+    if preprocess is None and overrides is not None:
+        from .preprocess import resolve
+        preprocess, _ = resolve(proto, None if isinstance(model, onnx.ModelProto) else model, overrides)
+    elif preprocess is None:
         preprocess = get_preprocess(proto)
     sess = make_session(model, threads=threads)
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]

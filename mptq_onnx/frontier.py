@@ -55,9 +55,6 @@ class Frontier:
             c -= 1
         return self.config(0)
 
-    def range(self) -> tuple[float, float]:
-        return float(min(self.cands)), float(np.dot(self.shares, np.full(len(self.shares), max(self.cands))))
-
 
 def solve(cands: list[int], shares: np.ndarray, omega: np.ndarray, grid: int = 4096) -> Frontier:
     """The multiple-choice knapsack's DP (see the module doc). `omega[k, j]`: Ω of quantizer k at

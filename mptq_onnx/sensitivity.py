@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from .calibrate import session
 from .emit import Editor
@@ -49,7 +48,7 @@ class Sensitivity:
     omega: dict[tuple[str, str], dict[int, float]]   # key -> {bits: Ω}
     probe_bits: int
     rows: int
-    runs: int                        # onnxruntime runs of the whole network (batches)
+    runs: int                        # onnxruntime runs (one per quantizer, from its block's cut)
     seconds: float
     fit_r2: float                    # how much of the rows' KL variance the additive model explains
 

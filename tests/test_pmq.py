@@ -19,12 +19,13 @@ from mptq_onnx.modelio import get_preprocess
 from mptq_onnx.passes.base import PassManager
 from mptq_onnx.passes.calibrate import Calibrate
 from mptq_onnx.passes.canonicalize import Canonicalize
-from mptq_onnx.passes.greedy_mp import UniformProvider, budget_shares
+from mptq_onnx.passes.greedy_mp import UniformProvider
+from mptq_onnx.passes.pareto import allocation_items
 from mptq_onnx.passes.qdq import average_bits
 from mptq_onnx.passes.uniform import UniformParams
 from mptq_onnx.plan import Context, QuantConfig
 from mptq_onnx.quantizers import fake_quant
-from mptq_onnx.sensitivity import Item, build_probe, probe_masks
+from mptq_onnx.sensitivity import build_probe, probe_masks
 
 
 def _run(m, xs):
@@ -82,9 +83,8 @@ def test_probe_switches_each_image_alone(uniform_ctx):
     a weight (W replaced by its fake-quantized values) and an activation (fake-quant before the node)."""
     ctx = uniform_ctx
     prov = UniformProvider(ctx)
-    share, fixed = budget_shares(ctx)
+    items, _, _ = allocation_items(ctx)
     sites = {p.site.name: p.site for p in ctx.plan.values()}
-    items = [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed]
     kw = next(i for i, it in enumerate(items) if it.key == ("blocks.3.mlp.fc1", "w"))
     ka = next(i for i, it in enumerate(items) if it.key == ("blocks.5.attn.q@k", "a"))
     probe, switches = build_probe(copy.deepcopy(ctx.model), items, prov, 3, ctx.weight)
@@ -172,9 +172,7 @@ def test_probe_rows_from_their_block_equal_whole_graph_rows(uniform_ctx):
     from mptq_onnx.simulate import TailScorer
     ctx = uniform_ctx
     prov = UniformProvider(ctx)
-    share, fixed = budget_shares(ctx)
-    sites = {p.site.name: p.site for p in ctx.plan.values()}
-    items = [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed]
+    items, _, _ = allocation_items(ctx)
     probe, switches = build_probe(copy.deepcopy(ctx.model), items, prov, 4, ctx.weight)
     sim = _ProbeSim(probe)
     imgs = ctx.calib_images[:6]

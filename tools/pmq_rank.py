@@ -27,9 +27,10 @@ from mptq_onnx.convert import recipe_passes  # noqa: E402
 from mptq_onnx.data import load_calibration  # noqa: E402
 from mptq_onnx.modelio import get_preprocess, load_model  # noqa: E402
 from mptq_onnx.passes.base import PassManager  # noqa: E402
-from mptq_onnx.passes.greedy_mp import GreedyMP, UniformProvider, budget_shares  # noqa: E402
+from mptq_onnx.passes.greedy_mp import GreedyMP, UniformProvider  # noqa: E402
+from mptq_onnx.passes.pareto import allocation_items  # noqa: E402
 from mptq_onnx.plan import Context, QuantConfig  # noqa: E402
-from mptq_onnx.sensitivity import Item, global_sensitivity  # noqa: E402
+from mptq_onnx.sensitivity import global_sensitivity  # noqa: E402
 
 
 def _ranks(a) -> np.ndarray:
@@ -73,9 +74,7 @@ def main(argv=None) -> int:
     body = [p for p in passes if p.name not in ("greedy-mp", "pareto-mp", "rounding", "qdq")]
     PassManager(body, verbose=False)(ctx)
     prov = ctx.site_optimizer or UniformProvider(ctx)
-    share, fixed = budget_shares(ctx)
-    sites = {p.site.name: p.site for p in ctx.plan.values()}
-    items = [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed]
+    items, _, _ = allocation_items(ctx)
     cands = sorted(set(cfg.candidates()), reverse=True)
     imgs, ref = ctx.calib_images[:cfg.mp_images], ctx.calib.logits[:cfg.mp_images]
     prov_warm = time.perf_counter()

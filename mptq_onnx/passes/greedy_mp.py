@@ -114,6 +114,28 @@ def budget_shares(ctx: Context) -> tuple[dict[tuple[str, str], float], dict[tupl
     return share, fixed
 
 
+def slot_feeds(sim: Simulator, prov, site, typ: str, bits: int) -> dict[str, np.ndarray]:
+    """Feeds that set one quantizer (a site's weights, 'w', or all its inputs, 'a') to `bits`."""
+    if typ == "w":
+        return sim.feeds(site.name, "w", prov.weight(site, bits))
+    f = {}
+    for i, q in enumerate(prov.acts(site, bits)):
+        f.update(sim.feeds(site.name, f"a{i}", q))
+    return f
+
+
+def apply_widths(ctx: Context, prov, state: dict[tuple[str, str], int], method: str) -> None:
+    """Write an allocation (bits by (site, 'w' | 'a')) and the provider's quantizers into the plan."""
+    for p in ctx.plan.values():
+        s = p.site
+        if s.weight:
+            p.w_bits = state[(s.name, "w")]
+            p.weight = prov.weight(s, p.w_bits)
+        p.a_bits = state[(s.name, "a")]
+        p.acts = list(prov.acts(s, p.a_bits))
+        p.methods.append(method)
+
+
 class GreedyMP(Pass):
     name = "greedy-mp"
 
@@ -132,13 +154,7 @@ class GreedyMP(Pass):
         sim = build_simulator(ctx, prov, state, cands[0])
 
         def move_feeds(site, typ, bits):
-            f = {}
-            if typ == "w":
-                f.update(sim.feeds(site.name, "w", prov.weight(site, bits)))
-            else:
-                for i, q in enumerate(prov.acts(site, bits)):
-                    f.update(sim.feeds(site.name, f"a{i}", q))
-            return f
+            return slot_feeds(sim, prov, site, typ, bits)
 
         imgs = ctx.calib_images[: cfg.mp_images]
         ref = ctx.calib.logits[: cfg.mp_images]
@@ -202,14 +218,7 @@ class GreedyMP(Pass):
         if path:
             path[-1]["kl"] = round(kl_cur, 5)
 
-        for p in plans:
-            s = p.site
-            if s.weight:
-                p.w_bits = state[(s.name, "w")]
-                p.weight = prov.weight(s, p.w_bits)
-            p.a_bits = state[(s.name, "a")]
-            p.acts = list(prov.acts(s, p.a_bits))
-            p.methods.append("greedy-mp")
+        apply_widths(ctx, prov, state, "greedy-mp")
         ctx.report["greedy_mp"] = {"target": target, "candidates": cands, "kl_start": round(kl0, 5),
                                    "kl_end": round(kl_cur, 5), "avg_w_bits": round(wb, 3),
                                    "avg_a_bits": round(ab, 3), "images": int(len(imgs)),

@@ -1,6 +1,6 @@
 """PMQ's bit allocation (Xiao et al., 2023): global sensitivity, then the Pareto frontier.
 
-Runs where Greedy MP would (--allocator pareto), on the same quantizers (the recipe's own: OPT-m's
+Runs where Greedy MP would (the default allocator; --allocator greedy for Greedy MP), on the same quantizers (the recipe's own: OPT-m's
 in `mptq`, the uniform ones in `pmq`), budgets and candidates. Ω comes from sensitivity.py in a
 fixed number of forward passes; frontier.py turns it into the least-Ω allocation at every
 average width, and --target-bits reads one point off it. The report keeps the frontier (a point
@@ -22,7 +22,7 @@ from ..plan import Context
 from ..sensitivity import Item, Sensitivity, global_sensitivity
 from ..simulate import kl_divergence
 from .base import Pass, PassResult
-from .greedy_mp import UniformProvider, budget_shares, build_simulator
+from .greedy_mp import UniformProvider, apply_widths, budget_shares, build_simulator, slot_feeds
 
 
 def site_macs(ctx: Context) -> dict[str, float]:
@@ -63,6 +63,14 @@ def gbops(plan, macs: dict[str, float], w_bits: dict[str, int] | None = None,
         wb = ((w_bits or {}).get(s.name, p.w_bits) or 32) if s.weight else ab
         tot += macs.get(s.name, 0.0) * wb * ab
     return tot / 1e9
+
+
+def allocation_items(ctx: Context) -> tuple[list[Item], dict, dict]:
+    """The quantizers an allocator moves, with every quantizer's budget share and the held ones
+    (greedy_mp.budget_shares)."""
+    share, fixed = budget_shares(ctx)
+    sites = {p.site.name: p.site for p in ctx.plan.values()}
+    return [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed], share, fixed
 
 
 def load_omega(path, items, cands) -> Sensitivity:
@@ -113,8 +121,7 @@ class ParetoMP(Pass):
         prov = ctx.site_optimizer or UniformProvider(ctx)
         plans = list(ctx.plan.values())
         sites = {p.site.name: p.site for p in plans}
-        share, fixed = budget_shares(ctx)
-        items = [Item(k, sites[k[0]], v) for k, v in share.items() if k not in fixed]
+        items, share, fixed = allocation_items(ctx)
         probe = cfg.pmq_probe_bits or min(cands)
         imgs = ctx.calib_images[: cfg.mp_images]
         ref = ctx.calib.logits[: cfg.mp_images]
@@ -177,14 +184,7 @@ class ParetoMP(Pass):
             sim = build_simulator(ctx, prov, {k: max(cands) for k in share if k[1] == "a"} | fixed, max(cands))
 
         def feeds_of(st):
-            feeds = {}
-            for p in plans:
-                s = p.site
-                if s.weight:
-                    feeds.update(sim.feeds(s.name, "w", prov.weight(s, st[(s.name, "w")])))
-                for i, q in enumerate(prov.acts(s, st[(s.name, "a")])):
-                    feeds.update(sim.feeds(s.name, f"a{i}", q))
-            return feeds
+            return {k: v for (n, t), b in st.items() for k, v in slot_feeds(sim, prov, sites[n], t, b).items()}
 
         if cfg.max_drop is not None:
             target = self._search_target(ctx, sim, feeds_of, describe, grid_lo, max(cands))
@@ -198,14 +198,7 @@ class ParetoMP(Pass):
         chosen, _ = describe(target, chosen=True)
         points = sorted(points + [chosen], key=lambda p: p["target"])
 
-        for p in plans:
-            s = p.site
-            if s.weight:
-                p.w_bits = state[(s.name, "w")]
-                p.weight = prov.weight(s, p.w_bits)
-            p.a_bits = state[(s.name, "a")]
-            p.acts = list(prov.acts(s, p.a_bits))
-            p.methods.append("pareto-mp")
+        apply_widths(ctx, prov, state, "pareto-mp")
 
         # the chosen point's real KL (one evaluation), for the report and a user comparing
         # allocators; with a plot asked for, also at every whole bit of the frontier (each needs
