@@ -3,11 +3,11 @@
     import mptq_onnx
     res = mptq_onnx.quantize("deit_s.onnx", "calib_images/", "deit_s.w4a4.onnx", recipe="mptq", wbits=4, abits=4)
     print(res.report["avg_w_bits"], res.check["top1_agreement"])
-    print(mptq_onnx.evaluator(res.model_path, "val_images/").top1)
-    mptq_onnx.deployer(res.model_path)
+    print(mptq_onnx.evaluate(res.model_path, "val_images/").top1)
+    mptq_onnx.deploy(res.model_path)
 
 Options are QuantConfig's fields (`recipe`, `wbits`, `abits`, `target_bits`, `allocator`,
-`reconstruct`, `recon_iters`, ...) and the preprocessing overrides (`mean`, `std`, `size`,
+`reconstruct`, `recon_iters`, `providers`, `threads`, ...) and the preprocessing overrides (`mean`, `std`, `size`,
 `crop_pct`, `interpolation`), with the CLI's defaults, and are checked as the CLI checks its
 flags: an option that would do nothing is refused, not dropped.
 """
@@ -74,11 +74,17 @@ def quantize(model: PathLike, calib: PathLike, output: PathLike | None = None, *
 
 
 def evaluate(model: PathLike, data: PathLike, *, limit: int | None = None, batch_size: int = 64,
-             progress: bool = False):
+             progress: bool = False, providers=("cpu",), threads: int | None = None, **preprocess):
     """Top-1/top-5 of an ONNX classifier (float or quantized) on a labelled ImageFolder: an
-    EvalResult (`top1`, `top5`, `images`, per-image `hits`)."""
+    EvalResult (`top1`, `top5`, `images`, per-image `hits`). `preprocess`: the overrides `mean`,
+    `std`, `size`, `crop_pct`, `interpolation`, resolved as `quantize` resolves them."""
     from .evaluator import evaluate as _evaluate
-    return _evaluate(model, data, batch_size=batch_size, limit=limit, progress=progress)
+    from .preprocess import PreprocessOverrides
+    from .runtime import parse_providers
+    if threads is not None and threads < 1:
+        raise MptqError(f"threads must be a positive integer, got {threads}")
+    return _evaluate(model, data, batch_size=batch_size, limit=limit, progress=progress,
+                     overrides=PreprocessOverrides(**preprocess), threads=threads, providers=parse_providers(providers))
 
 
 def deploy(model: PathLike, output: PathLike | None = None, *, force: bool = False, **options):
@@ -95,6 +101,7 @@ def deploy(model: PathLike, output: PathLike | None = None, *, force: bool = Fal
 
 
 def export(name: str, output: PathLike, **options) -> Path:
-    """Export a timm model or a model card to ONNX (`mptq-onnx export`; needs the export extra)."""
+    """Export a timm model, a model card or a Hugging Face save_pretrained folder to ONNX
+    (`mptq-onnx export`; needs the export extra, and the hf extra for a folder)."""
     from .exporter import export_model
     return export_model(name, output, **options)

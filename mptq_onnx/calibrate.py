@@ -127,6 +127,10 @@ def with_session(owner, fn: Callable, outputs: list[str] = (), **kw):
     the model is set aside as a shell and its weights as the arrays onnxruntime copies, then put
     back (the same bytes) as soon as the session exists. Built from the model as it is, the
     session held the proto, the arrays and onnxruntime's copy at once."""
+    cfg = getattr(owner, "config", None)  # the conversion's onnxruntime providers and threads
+    if cfg is not None:
+        kw.setdefault("threads", cfg.threads)
+        kw.setdefault("providers", cfg.providers)
     shell, weights = take_weights(owner.model)
     owner.model = None  # a proto's memory goes only with the whole message
     try:
@@ -139,14 +143,14 @@ def with_session(owner, fn: Callable, outputs: list[str] = (), **kw):
 
 
 def session(model: onnx.ModelProto, threads: int | None = None,
-            external: dict[str, ort.OrtValue | np.ndarray] | None = None) -> ort.InferenceSession:
+            external: dict[str, ort.OrtValue | np.ndarray] | None = None, providers=None) -> ort.InferenceSession:
     """`external`: values of initializers the model holds as external-data placeholders
     (see `external_placeholder`), handed to onnxruntime without serializing them; without it,
     the model's large initializers are handed over so (`lean_copy`). onnxruntime copies them into
     its graph (AddExternalInitializers), so the caller may drop them once the session exists."""
     if external is None:
         model, external = lean_copy(model)
-    sess = make_session(model, threads=threads, external=external)
+    sess = make_session(model, threads=threads, providers=providers, external=external)
     fixed = {i.name: i.shape[0] for i in sess.get_inputs()
              if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
     return FixedBatchSession(sess, fixed) if fixed else sess
@@ -192,7 +196,8 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
               full_tensors: list[str] = (), *, row_budget: int = 4096, full_images: int = 16,
               batch_size: int = 32, seed: int = 0, progress: bool = True,
               batch_bytes: int = 256 << 20, full_bytes: int = 256 << 20,
-              weights: dict[str, np.ndarray] | None = None) -> CalibData:
+              weights: dict[str, np.ndarray] | None = None, threads: int | None = None,
+              providers=None) -> CalibData:
     """Run `model` over `images`; sample rows of `row_tensors`, keep leading slices of `full_tensors`.
 
     Every tensor to quantize is a graph output, so one run holds all of them for its whole batch:
@@ -209,7 +214,7 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
     # the arena keeps its largest size (a batch's outputs and intermediates) for the session's
     # life, but without it every tensor of every run is a fresh mapping faulted in page by page:
     # vit_base's 64 runs took 3.5-4 s longer (docs/scale.md, fifth round)
-    sess = session(lean, external=external)
+    sess = session(lean, external=external, threads=threads, providers=providers)
     del lean, external
     if weights is not None:
         weights.clear()  # onnxruntime has its copy

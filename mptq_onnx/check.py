@@ -122,7 +122,7 @@ def check_result(model, images: np.ndarray, float_logits: np.ndarray, bits: floa
                                for i in range(0, n, 16)])
 
     if owner is None:
-        logits = run(session(model))
+        logits = run(session(model))  # a bare model: the caller's session defaults
     else:
         logits = with_session(owner, run)
     logits = logits.reshape(n, -1)

@@ -75,7 +75,7 @@ def run_convert(model_path: Path | None, model, calib, cfg, output: Path, force:
     if cfg.recon_images is not None and (cfg.reconstruct or cfg.recipe == "ias"):
         recon = open_calibration(calib, pp, cfg.recon_images, progress=cfg.progress,
                                  fewer_ok=cfg.recon_images == RECON_IMAGES_DEFAULT)
-    ctx = convert(model if model is not None else model_path, images, cfg, recon_images=recon)
+    ctx = convert(model if model is not None else model_path, images, cfg, recon_images=recon, preprocess=pp)
     from .modelio import set_preprocess
     from .preprocess import record
     set_preprocess(ctx.model, pp)  # what calibration used travels with the quantized model (eval reads it)
@@ -141,12 +141,21 @@ def _config(a):
                       recon_loss=a.recon_loss, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator,
                       frontier_plot=a.frontier_plot, patchwise=a.patchwise, patch_keep=a.patch_keep,
                       patch_bits=a.patch_bits, patch_score=a.patch_score, max_drop=a.max_drop,
-                      val_dir=a.val, val_size=a.val_size, omega_from=a.omega_from)
+                      val_dir=a.val, val_size=a.val_size, omega_from=a.omega_from,
+                      providers=tuple(a.providers), threads=a.threads)
     if a.mp_candidates:
         cfg.mp_candidates = tuple(a.mp_candidates)
     cfg.validate()
     _refuse_unused(cfg, _given(a))
     return cfg
+
+
+def _add_runtime_args(p):
+    p.add_argument("--providers", nargs="+", default=["cpu"], metavar="EP",
+                   help="onnxruntime execution providers in order: cpu (default), cuda (onnxruntime-gpu), "
+                        "tensorrt, dml, openvino, ... or full names; the CPU is always the fallback")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: onnxruntime's, one per core)")
 
 
 def _overrides(a):
@@ -175,8 +184,11 @@ def cmd_convert(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluator import evaluate
+    from .runtime import parse_providers
+    if a.threads is not None and a.threads < 1:
+        raise MptqError(f"--threads must be a positive integer, got {a.threads}")
     res = evaluate(a.model, a.data, batch_size=a.batch_size, limit=a.limit, progress=not a.quiet and not a.json,
-                   overrides=_overrides(a))  # the model is read once, its preprocessing resolved as convert does
+                   overrides=_overrides(a), threads=a.threads, providers=parse_providers(a.providers))  # the model is read once, its preprocessing resolved as convert does
     if a.json:
         print(json.dumps(res.to_dict(), sort_keys=True))
     else:
@@ -215,8 +227,9 @@ def cmd_demo(a) -> int:
     out = out_dir / (default_output(Path("deit_tiny_tin.onnx"), cfg).name)
     run_convert(None, model, embedded_calib_dir(), cfg, out, a.force or not a.out_dir, None, pp=pp)
     val = embedded_val_dir()
-    f = evaluate(model, val, progress=not a.quiet, preprocess=pp[0])
-    q = evaluate(out, val, progress=not a.quiet, preprocess=pp[0])
+    rt = {"threads": cfg.threads, "providers": cfg.providers}
+    f = evaluate(model, val, progress=not a.quiet, preprocess=pp[0], **rt)
+    q = evaluate(out, val, progress=not a.quiet, preprocess=pp[0], **rt)
     print(f"\nembedded deit_tiny_tin, {f.images} val images ({val})")
     print(f"  float32            top-1 {f.top1:.4f}  top-5 {f.top5:.4f}")
     print(f"  {out.stem.split('.', 1)[1]:<18} top-1 {q.top1:.4f}  top-5 {q.top5:.4f}")
@@ -332,7 +345,8 @@ run 'mptq-onnx COMMAND -h' for each command's options and examples""",
     "export": """examples:
   mptq-onnx export deit_tiny_patch16_224 -o deit.onnx                 # timm model, random weights
   mptq-onnx export vit_base_patch16_224 --checkpoint vit.safetensors -o vit.onnx
-  mptq-onnx export ../shared/models/deit_tiny_tin.json -o deit_tin.onnx   # a model card""",
+  mptq-onnx export ../shared/models/deit_tiny_tin.json -o deit_tin.onnx   # a model card
+  mptq-onnx export ./my-vit/ -o my_vit.onnx        # a transformers save_pretrained folder (ViT, DeiT, Swin)""",
     "convert": """examples:
   mptq-onnx convert deit.onnx --calib calib_images/ --recipe mptq --wbits 4 --abits 4 -o deit.w4a4.onnx
   mptq-onnx convert deit.onnx --calib calib_images/ --recipe mptq --target-bits 5   # Greedy MP
@@ -364,8 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("export", help="export a timm model or a model card to ONNX", **_help("export"))
-    p.add_argument("name", help="timm model name, model card name, or card .json path")
+    p = sub.add_parser("export", help="export a timm model, a model card or a Hugging Face folder to ONNX",
+                       **_help("export"))
+    p.add_argument("name", help="timm model name, model card name, card .json path, or a Hugging Face "
+                                "save_pretrained folder (needs the hf extra)")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs network)")
     p.add_argument("--checkpoint", help="state dict to load (.safetensors, .pth)")
@@ -386,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output")
     _add_quant_args(p)
     _add_preprocess_args(p)
+    _add_runtime_args(p)
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("eval", help="top-1/top-5 of an ONNX classifier on an ImageFolder", **_help("eval"))
@@ -396,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_preprocess_args(p)
+    _add_runtime_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("inspect", help="per-layer table of a (quantized) model", **_help("inspect"))
@@ -425,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the model and report in --out-dir")
     _add_quant_args(p)
     _add_preprocess_args(p)
+    _add_runtime_args(p)
     p.set_defaults(fn=cmd_demo)
     return ap
 

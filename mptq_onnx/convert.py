@@ -76,10 +76,12 @@ RECIPES = ("uniform", "mptq", "mptq-paper", "sqb", "optm", "ias", "pmq")
 
 
 def convert(model: onnx.ModelProto | str | os.PathLike, calib_images: np.ndarray, cfg: QuantConfig,
-            verbose: bool = True, recon_images: np.ndarray | None = None) -> Context:
+            verbose: bool = True, recon_images: np.ndarray | None = None, preprocess=None) -> Context:
     """Run the recipe's passes; the input is checked first and the result after (see check.py):
     the result's fidelity on a few calibration images is in ``ctx.report["check"]``.
     `recon_images`: what reconstruction trains on (default: the calibration images).
+    `preprocess`: how `calib_images` were made (default: the model's metadata); --max-drop's
+    validation images are read the same way.
 
     `model` is left as it is; given a path, convert reads the model itself and holds its only
     reference, so the float model is freed once canonicalization has made its copy (a caller
@@ -90,7 +92,9 @@ def convert(model: onnx.ModelProto | str | os.PathLike, calib_images: np.ndarray
     process-wide setting, so a library call leaves it to its caller); the peak memory figures in
     the docs were measured that way."""
     cfg.validate()
+    source = None
     if not isinstance(model, onnx.ModelProto):
+        source = model
         model = load_model(model)
     check_input_model(model)
     b = static_batch(model)
@@ -103,6 +107,7 @@ def convert(model: onnx.ModelProto | str | os.PathLike, calib_images: np.ndarray
               f"{len(calib_images)}", file=sys.stderr)
         calib_images = calib_images[:keep]
     ctx = Context(model, cfg, calib_images, recon_images)
+    ctx.preprocess, ctx.source = preprocess, source
     del model
     PassManager(recipe_passes(cfg), verbose=verbose and cfg.progress)(ctx)
     # the plan is written: the searches' data goes before the check's session comes

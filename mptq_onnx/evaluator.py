@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,18 +26,18 @@ _ORT_DTYPES = {
 
 
 def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int | None = None,
-                 ) -> ort.InferenceSession:
-    """A CPU InferenceSession with all graph optimizations.
+                 providers=None) -> ort.InferenceSession:
+    """An InferenceSession with all graph optimizations (on the CPU unless `providers` say otherwise).
 
     A path is opened by onnxruntime itself (so external-data files next to it are found);
     a ModelProto is serialized in memory.
     """
     if isinstance(model, onnx.ModelProto):
-        return _runtime_session(model, threads=threads, what="the in-memory model")
+        return _runtime_session(model, threads=threads, providers=providers, what="the in-memory model")
     p = Path(model)
     if not p.is_file():
         raise MptqError(f"ONNX file not found: {p}")
-    return _runtime_session(p, threads=threads, what=str(p))
+    return _runtime_session(p, threads=threads, providers=providers, what=str(p))
 
 
 @dataclasses.dataclass
@@ -57,21 +58,47 @@ class EvalResult:
                 f"({self.images_per_s:.1f} img/s inference, {self.seconds:.1f} s total)")
 
 
-def folder_labels(model: onnx.ModelProto, folders: list[str], data_dir) -> np.ndarray:
-    """The model's class index for each class folder (in ImageFolder's sorted order).
-
-    With class names in the model (`export` stores them where the card lists them) each folder
-    is looked up by name, so a subset of the classes is scored correctly and a foreign folder is
-    an error; with only a class count, the folders must be exactly that many (ImageFolder numbers
-    them by position, so any other count would pair images with the wrong labels).
-    """
-    from .exporter import CLASS_NAMES_KEY, NUM_CLASSES_KEY
+def class_names(model: onnx.ModelProto, model_path=None) -> list[str] | None:
+    """The model's class names: from its metadata (`export` writes them from a card or a Hugging
+    Face config), else from the `id2label` of a Hugging Face config.json beside the model file
+    (what optimum writes beside model.onnx)."""
+    from .exporter import CLASS_NAMES_KEY, HF_MODEL_CONFIG, hf_class_names
 
     raw = get_metadata(model, CLASS_NAMES_KEY)
-    names = json.loads(raw) if raw else None
+    if raw:
+        return json.loads(raw) or None
+    if model_path is not None:
+        cfg = Path(model_path).parent / HF_MODEL_CONFIG
+        if cfg.is_file():
+            try:
+                return hf_class_names(json.loads(cfg.read_text()))
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def folder_labels(model: onnx.ModelProto, folders: list[str], data_dir, model_path=None,
+                  log=None) -> np.ndarray:
+    """The model's class index for each class folder (in ImageFolder's sorted order).
+
+    With class names (`class_names`) each folder is looked up by name, so a subset of the
+    classes is scored correctly and a foreign folder is an error. When no folder bears a class
+    name (e.g. wnid folders for a model whose names are words) and the counts agree, the folders
+    are taken by position, and `log` says so. With only a class count, the folders must be
+    exactly that many (ImageFolder numbers them by position, so any other count would pair
+    images with the wrong labels).
+    """
+    from .exporter import NUM_CLASSES_KEY
+
+    names = class_names(model, model_path)
     if names:
         index = {n: i for i, n in enumerate(names)}
         unknown = [f for f in folders if f not in index]
+        if unknown and len(unknown) == len(folders) and len(folders) == len(names):
+            (log or (lambda m: print(m, file=sys.stderr)))(
+                f"mptq-onnx: note: no class folder in {data_dir} is named like a class of the model (e.g. "
+                f"{names[0]!r}); labelling the {len(folders)} folders by their sorted position")
+            return np.arange(len(folders), dtype=np.int64)
         if unknown:
             raise MptqError(f"{len(unknown)} of the {len(folders)} class folders in {data_dir} are not classes of "
                             f"this model (e.g. {unknown[0]!r}; the model's classes are e.g. "
@@ -91,7 +118,8 @@ def _static(d) -> int | None:
 
 def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.PathLike,
              batch_size: int = 64, limit: int | None = None, progress: bool = True,
-             preprocess: Preprocess | None = None, threads: int | None = None, overrides=None) -> EvalResult:
+             preprocess: Preprocess | None = None, threads: int | None = None, overrides=None,
+             providers=None) -> EvalResult:
     """Accuracy of `model` (first input: images NCHW, first output: logits) on an ImageFolder.
 
     `limit` evaluates an evenly spread subset (all classes covered).  The preprocessing comes
@@ -107,7 +135,7 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
         preprocess, _ = resolve(proto, None if isinstance(model, onnx.ModelProto) else model, overrides)
     elif preprocess is None:
         preprocess = get_preprocess(proto)
-    sess = make_session(model, threads=threads)
+    sess = make_session(model, threads=threads, providers=providers)
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
     shape = list(inp.shape)
     if len(shape) != 4:
@@ -129,7 +157,8 @@ def evaluate(model: str | os.PathLike | onnx.ModelProto, data_dir: str | os.Path
     out_classes = _static(out.shape[-1]) if out.shape else None
     if out_classes is not None and out_classes < n_classes:
         raise MptqError(f"the model outputs {out_classes} classes but {data_dir} has {n_classes} class folders")
-    label_of = folder_labels(proto, ds.classes, data_dir)
+    label_of = folder_labels(proto, ds.classes, data_dir,
+                             None if isinstance(model, onnx.ModelProto) else model)
 
     indices = spread_indices(len(ds), limit)
     correct5 = images = 0

@@ -60,6 +60,16 @@ def _import_torch():
     return torch
 
 
+def _import_transformers():
+    _import_torch()
+    try:
+        import transformers
+    except ImportError as e:
+        raise MptqError(f"exporting a Hugging Face folder needs transformers ({e}); "
+                        "install the hf extra: pip install 'mptq-onnx[hf]'") from None
+    return transformers
+
+
 def _import_timm():
     _import_torch()
     try:
@@ -135,6 +145,91 @@ def _card_preprocess(card: dict) -> Preprocess:
     return Preprocess.from_dict(pp)
 
 
+# --------------------------------------------------------------------------- Hugging Face folders
+
+HF_MODEL_CONFIG = "config.json"
+
+
+def is_hf_dir(source) -> bool:
+    """A `save_pretrained` folder: config.json (+ weights) inside."""
+    p = Path(source).expanduser()
+    return p.is_dir() and (p / HF_MODEL_CONFIG).is_file()
+
+
+def hf_class_names(config: dict) -> list[str] | None:
+    """`id2label` in index order, or None when absent, incomplete, or transformers' placeholders
+    (LABEL_0, LABEL_1, ...: a config that never named its classes)."""
+    raw = config.get("id2label")
+    if not isinstance(raw, dict) or not raw:
+        return None
+    try:
+        by_index = {int(k): str(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        return None
+    names = [by_index.get(i) for i in range(len(by_index))]
+    if any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names
+
+
+def _build_hf(folder: Path, *, seed: int, img_size, num_classes, pretrained: bool, checkpoint,
+              log) -> "BuiltModel":
+    """A transformers image classifier (ViT, DeiT, Swin, ...) from a `save_pretrained` folder,
+    with eager attention (explicit MatMul -> Softmax -> MatMul in the graph)."""
+    torch = _import_torch()
+    transformers = _import_transformers()
+    from .preprocess import HF_CONFIG, from_hf_config
+
+    if pretrained or checkpoint is not None or num_classes is not None:
+        raise MptqError("a Hugging Face folder brings its own weights and classes: drop --pretrained, "
+                        "--checkpoint and --num-classes")
+    try:
+        config = json.loads((folder / HF_MODEL_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise MptqError(f"cannot read {folder / HF_MODEL_CONFIG}: {e}") from None
+    arch = ", ".join(config.get("architectures") or []) or config.get("model_type", "?")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            hf = transformers.AutoModelForImageClassification.from_pretrained(
+                str(folder), attn_implementation="eager", local_files_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MptqError(f"cannot load {folder} as a transformers image classifier ({arch}; "
+                            f"{type(e).__name__}: {first})") from None
+
+    class Logits(torch.nn.Module):
+        """pixel_values -> logits (transformers returns an output object)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).logits
+
+    module = _prepare(Logits(hf))
+    channels = int(config.get("num_channels", 3))
+    if (folder / HF_CONFIG).is_file():
+        pp = from_hf_config(folder / HF_CONFIG, channels)
+        pp_known = True
+    else:
+        size = config.get("image_size", 224)
+        size = _img_size_tuple(size if isinstance(size, int) else tuple(size))
+        pp = Preprocess(input_size=(channels, *size))
+        pp_known = False
+    if img_size is not None:
+        pp.input_size = (pp.input_size[0], *_img_size_tuple(img_size))
+    if not pp_known and log:
+        log(f"note: {folder} has no {HF_CONFIG}: the ONNX model carries no preprocessing, and convert/eval "
+            "will assume one and say so (or pass --mean/--std/--size there)")
+    n_cls = int(getattr(hf.config, "num_labels", 0) or 0)
+    names = hf_class_names(config)
+    return BuiltModel(module=module, preprocess=pp, source=folder.name, num_classes=n_cls,
+                      weights=f"{folder.name} ({arch})", class_names=names if names and len(names) == n_cls else None,
+                      preprocess_known=pp_known)
+
+
 # --------------------------------------------------------------------------- building the torch model
 
 @dataclasses.dataclass
@@ -147,6 +242,7 @@ class BuiltModel:
     num_classes: int
     weights: str  # "random (seed N)", "pretrained", or the checkpoint file name
     class_names: list[str] | None = None  # folder name (e.g. wnid) of each class, where the card lists them
+    preprocess_known: bool = True  # False: a Hugging Face folder without preprocessor_config.json
 
 
 def _timm_class(timm, name: str):
@@ -261,9 +357,12 @@ def _img_size_tuple(img_size) -> tuple[int, int]:
 
 
 def build_model(source: str, *, pretrained: bool = False, checkpoint=None, cards_dir=None,
-                img_size=None, num_classes: int | None = None, seed: int = 0) -> BuiltModel:
+                img_size=None, num_classes: int | None = None, seed: int = 0, log=None) -> BuiltModel:
     """The torch model `export_model` exports (same arguments). Random weights come from `seed`,
     drawn in a forked RNG so the caller's torch RNG is left as it was."""
+    if is_hf_dir(source):
+        return _build_hf(Path(source).expanduser(), seed=seed, img_size=img_size, num_classes=num_classes,
+                         pretrained=pretrained, checkpoint=checkpoint, log=log)
     card_path = find_card(source, cards_dir)
     torch = _import_torch()
     timm = _import_timm()
@@ -516,7 +615,8 @@ def to_onnx(built: BuiltModel, *, exporter: str = "dynamo", opset: int = DEFAULT
     proto = _convert_opset(proto, opset)
     _fix_ir_version(proto)
     _strip_variable(proto)
-    set_preprocess(proto, built.preprocess)
+    if built.preprocess_known:
+        set_preprocess(proto, built.preprocess)
     set_metadata(proto, SOURCE_KEY, built.source)
     set_metadata(proto, NUM_CLASSES_KEY, str(built.num_classes))
     if built.class_names:
@@ -564,14 +664,14 @@ def export_model(source: str, output, *, pretrained: bool = False, checkpoint=No
     two random inputs are compared with torch's and a cosine below 0.999 is an error.
     """
     out = Path(output)
-    card = find_card(source, cards_dir)
+    card = None if is_hf_dir(source) else find_card(source, cards_dir)
     # checked before the minutes of building and exporting; never the card, its weights or the checkpoint
     plan_outputs({"checkpoint": checkpoint, "model card": card,
                   "card's weights": _card_weights(card, cards_dir) if card is not None else None},
                  {"output": out}, force, log=to_stderr if log else None,
                  may_write={"external data": out.with_name(out.name + ".data")})
     built = build_model(source, pretrained=pretrained, checkpoint=checkpoint, cards_dir=cards_dir,
-                        img_size=img_size, num_classes=num_classes, seed=seed)
+                        img_size=img_size, num_classes=num_classes, seed=seed, log=log)
     proto = to_onnx(built, exporter=exporter, opset=opset)
     if verify:
         v = verify_onnx(proto, built.module, built.preprocess.input_size)

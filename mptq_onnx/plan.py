@@ -98,6 +98,10 @@ class QuantConfig:
     # ias recipe, for ablations: 1 stops after stage 1 (per-channel activations, float weights),
     # 2 after the fold (weights float), 3 runs all of I&S-ViT
     ias_stages: int = 3
+    # where onnxruntime calibrates and simulates: execution providers in order (runtime.parse_providers;
+    # the CPU is always last) and intra-op threads (None: onnxruntime's default)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None
 
     def mixed(self) -> bool:
         """Whether an allocator chooses the widths (a target, or an accuracy budget)."""
@@ -129,6 +133,10 @@ class QuantConfig:
         return self.abits if held is None else held
 
     def validate(self) -> None:
+        from .runtime import parse_providers
+        self.providers = parse_providers(self.providers)  # full names, CPU last; unknown ones refused
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise MptqError(f"--threads must be a positive integer, got {self.threads}")
         lo, hi = BITS_RANGE
         for name in ("wbits", "abits"):
             b = getattr(self, name)
@@ -240,6 +248,8 @@ class Context:
         self.materialized = False
         self.site_optimizer = None  # OPT-m's cache of per-(site, bits) quantizers, reused by Greedy MP
         self.teacher: onnx.ModelProto | None = None  # the float model reconstruction aims at (KeepFloat)
+        self.preprocess = None  # how the calibration images were made (None: the model's metadata)
+        self.source = None  # the model's file, where it came from one (class names beside it)
         self._info: GraphInfo | None = None
         self.t0 = time.perf_counter()
 

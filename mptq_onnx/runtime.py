@@ -12,6 +12,32 @@ import onnxruntime as ort
 from .errors import MptqError
 
 PROVIDERS = ("CPUExecutionProvider",)
+# short names for --providers
+_PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                     "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider",
+                     "migraphx": "MIGraphXExecutionProvider", "dml": "DmlExecutionProvider",
+                     "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+
+
+def parse_providers(names) -> tuple[str, ...]:
+    """onnxruntime execution providers from full or short names (cpu, cuda, tensorrt, dml, ...),
+    in order of preference; the CPU provider is always added last (onnxruntime runs there what
+    the others cannot). An provider this onnxruntime lacks is an error naming the ones it has."""
+    if isinstance(names, str):
+        names = [n for n in names.replace(",", " ").split() if n]
+    out: list[str] = []
+    have = ort.get_available_providers()
+    for n in names or ():
+        full = _PROVIDER_ALIASES.get(n.lower(), n)
+        if full not in have:
+            hint = (" (install onnxruntime-gpu for CUDA)" if full == "CUDAExecutionProvider" else "")
+            raise MptqError(f"execution provider {n!r} is not available in this onnxruntime{hint}; available: "
+                            + ", ".join(have))
+        if full not in out:
+            out.append(full)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return tuple(out)
 
 
 def first_line(e: BaseException) -> str:
@@ -39,12 +65,13 @@ def session_options(threads: int | None = None, exact_int4: bool = True,
 
 
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads: int | None = None,
-                 exact_int4: bool = True, external: dict | None = None,
+                 providers=None, exact_int4: bool = True, external: dict | None = None,
                  optimized_path: str | os.PathLike | None = None, what: str | None = None) -> ort.InferenceSession:
-    """A CPU session over a ModelProto, serialized bytes or a file (opened by onnxruntime, so its
+    """A session over a ModelProto, serialized bytes or a file (opened by onnxruntime, so its
     external-data files are found). `external`: initializer values handed over as arrays instead of
     serialized (AddExternalInitializers). `what`: names the model in the one-line MptqError a
-    failed load becomes (None: the exception passes through)."""
+    failed load becomes (None: the exception passes through). `providers`: as parse_providers
+    gives them (default: the CPU)."""
     so = session_options(threads, exact_int4, optimized_path)
     if external:
         names = sorted(external)
@@ -54,7 +81,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
     if isinstance(src, Path):
         src = str(src)
     try:
-        return ort.InferenceSession(src, sess_options=so, providers=list(PROVIDERS))
+        return ort.InferenceSession(src, sess_options=so, providers=list(providers or PROVIDERS))
     except Exception as e:  # onnxruntime's Fail / InvalidGraph / NotImplemented ...
         if what is None:
             raise

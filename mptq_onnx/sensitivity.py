@@ -105,9 +105,10 @@ def build_probe(model: onnx.ModelProto, items: list[Item], prov, probe_bits: int
 class _ProbeSim:
     """What TailScorer needs of a simulator: the probe model and a whole-graph run."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, threads: int | None = None, providers=None):
         self.model = model
-        self.sess = session(model)
+        self.threads, self.providers = threads, providers
+        self.sess = session(model, threads, providers=providers)
         self.in_name = model.graph.input[0].name
         self.out_name = model.graph.output[0].name
 
@@ -154,7 +155,7 @@ def global_sensitivity(ctx, prov, items: list[Item], cands: list[int], probe_bit
     from .simulate import TailScorer
     # at most 16 cuts: each is a session to build (65 ms each on swin_tiny_tin, 34 cuts), while
     # starting at the previous cut instead runs only a little more of the network
-    tails = TailScorer(_ProbeSim(probe), images, {}, max_cuts=MAX_CUTS)
+    tails = TailScorer(_ProbeSim(probe, ctx.config.threads, ctx.config.providers), images, {}, max_cuts=MAX_CUTS)
     on = np.ones((1, 1), np.float32)
     work = [(k, np.flatnonzero(masks[:, k]), {switches[k]: on}) for k in range(len(items))]
     work = [w for w in work if len(w[1])]

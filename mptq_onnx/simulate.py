@@ -43,7 +43,7 @@ class Slot:
 
 class Simulator:
     def __init__(self, model: onnx.ModelProto, slots: list[Slot], init: dict[tuple[str, str], Quantizer],
-                 threads: int | None = None):
+                 threads: int | None = None, providers=None):
         """`init[(site, key)]` gives each slot's starting quantizer (its kind's branch is enabled)."""
         ed = Editor(model, "sim")
         weights = {t.name: t for t in model.graph.initializer}
@@ -71,7 +71,8 @@ class Simulator:
             ed.use(s.node, s.input_index, y)
         self.model = ed.finish()
         self.defaults = dict(ed.defaults)
-        self.sess = session(self.model, threads)
+        self.threads, self.providers = threads, providers
+        self.sess = session(self.model, threads, providers=providers)
         self.in_name = self.sess.get_inputs()[0].name
         self.out_name = self.sess.get_outputs()[0].name
 
@@ -274,7 +275,9 @@ class TailScorer:
         g = onnx.helper.make_graph(nodes, name, inputs, outputs,
                                    [self._big[t.name][0] if t.name in self._big else t for t in inits])
         m = onnx.helper.make_model(g, opset_imports=self.sim.model.opset_import, ir_version=self.sim.model.ir_version)
-        return session(m, self.threads, {t.name: self._big[t.name][1] for t in inits if t.name in self._big})
+        return session(m, self.threads or getattr(self.sim, "threads", None),
+                       {t.name: self._big[t.name][1] for t in inits if t.name in self._big},
+                       providers=getattr(self.sim, "providers", None))
 
     def run_rows(self, feeds: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
         """Logits of images[idx] (one batch) with `feeds` on top; fed arrays are per row of idx

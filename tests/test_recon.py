@@ -384,3 +384,66 @@ def test_fisher_weights_follow_the_gradient_and_train(planned):
     b0 = next(r for r in rows if r["segment"] == "blocks.0")
     assert b0["loss_after"] < b0["loss_before"]
     assert "blocks.0.attn.qkv.bias" in new
+
+
+def _shape_math_graph():
+    """x [N, 4, 6] -> Shape/Gather/Concat -> Reshape, + Range, + ConstantOfShape: the integer
+    tensors dynamo exports compute from shapes."""
+    from onnx import TensorProto, helper, numpy_helper
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+        helper.make_node("Concat", ["n", "minus1"], ["shp"], axis=0),
+        helper.make_node("Reshape", ["x", "shp"], ["flat"]),                     # [N, 24]
+        helper.make_node("Shape", ["flat"], ["fs"], start=1),
+        helper.make_node("Squeeze", ["fs"], ["len"]),
+        helper.make_node("Range", ["zero", "len", "one"], ["r"]),
+        helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+        helper.make_node("ConstantOfShape", ["fs"], ["ones"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Add", ["flat", "rf"], ["a"]),
+        helper.make_node("Add", ["a", "ones"], ["y"]),
+    ]
+    inits = [c("i0", np.array([0], np.int64)), c("minus1", np.array([-1], np.int64)),
+             c("zero", np.array(0, np.int64)), c("one", np.array(1, np.int64))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _run_segment(model, device):
+    from mptq_onnx.recon.interp import Segment
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    seg = Segment(list(model.graph.node), consts, ["x"], ["y"])
+    seg.consts = {k: v.to(device) for k, v in seg.consts.items()}  # as build_segments moves them
+    x = torch.arange(2 * 24, dtype=torch.float32).reshape(2, 4, 6).to(device)
+    return seg, x
+
+
+def test_interpreter_makes_its_tensors_on_the_inputs_device():
+    """Issue 23: Shape, Range and ConstantOfShape made CPU tensors whatever the device, which
+    fails with --device cuda. Every tensor the interpreter creates must name the input's device."""
+    from torch.overrides import TorchFunctionMode
+    made = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.arange, torch.full, torch.tensor):
+                made.append((func.__name__, (kwargs or {}).get("device")))
+            return func(*args, **(kwargs or {}))
+
+    seg, x = _run_segment(_shape_math_graph(), "cpu")
+    with Record():
+        y = seg(x)[0]
+    assert {f for f, _ in made} >= {"arange", "full", "tensor"}
+    assert all(d is not None and torch.device(d) == x.device for _, d in made), made
+    ref = x.reshape(2, 24) + torch.arange(24) + 1
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_interpreter_runs_shape_math_on_cuda():
+    seg, x = _run_segment(_shape_math_graph(), "cuda")
+    y = seg(x)[0]
+    assert y.device.type == "cuda"
+    assert torch.equal(y.cpu(), x.cpu().reshape(2, 24) + torch.arange(24) + 1)

@@ -39,7 +39,8 @@ class Calibrate(Pass):
                 ctx.calib = calibrate(shell, ctx.calib_images, rows, full, row_budget=cfg.row_budget,
                                       full_images=cfg.full_images, batch_size=cfg.batch_size, seed=cfg.seed,
                                       progress=cfg.progress, batch_bytes=cfg.calib_batch_mb << 20,
-                                      full_bytes=cfg.full_sample_mb << 20, weights=weights)
+                                      full_bytes=cfg.full_sample_mb << 20, weights=weights,
+                                      threads=cfg.threads, providers=cfg.providers)
             finally:
                 weights.clear()
                 ctx.model = fill_shell(shell, spilled)  # the same bytes as before

@@ -92,7 +92,7 @@ def build_simulator(ctx: Context, prov, a_bits: dict[tuple[str, str], int], w_bi
     node_inputs = {n.name: list(n.input) for n in ctx.model.graph.node}
     for sl in slots:
         sl.input_index = node_inputs[sl.node].index(sl.tensor)
-    return Simulator(ctx.model, slots, init)
+    return Simulator(ctx.model, slots, init, ctx.config.threads, ctx.config.providers)
 
 
 def budget_shares(ctx: Context) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:

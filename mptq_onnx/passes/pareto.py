@@ -239,14 +239,14 @@ class ParetoMP(Pass):
         from ..evaluator import folder_labels
         from ..modelio import get_preprocess
         cfg = ctx.config
-        ds = ImageFolder(cfg.val_dir, get_preprocess(ctx.model))
-        labels = folder_labels(ctx.model, ds.classes, cfg.val_dir)
+        ds = ImageFolder(cfg.val_dir, ctx.preprocess or get_preprocess(ctx.model))
+        labels = folder_labels(ctx.model, ds.classes, cfg.val_dir, ctx.source)
         xs, ys = [], []
         for x, y in iter_batches(ds, 64, spread_indices(len(ds), cfg.val_size)):
             xs.append(x)
             ys.append(labels[y])
         x, y = np.concatenate(xs), np.concatenate(ys)
-        fs = session(ctx.model)
+        fs = session(ctx.model, cfg.threads, providers=cfg.providers)
         f_logits = np.concatenate([fs.run(None, {fs.get_inputs()[0].name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
         del fs
         f_top1 = float((f_logits.argmax(1) == y).mean())

@@ -117,17 +117,21 @@ def _cast(x, to):
     return x.to(_NP_OF_ONNX[to])
 
 
+# Tensors made here follow their input's device: one made on the CPU meets the segment's CUDA
+# constants in the next Concat/Add and fails there (--device cuda)
+
 def _range(start, limit, delta):
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
 def _const_of_shape(shape, value=None):
     v = numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
-    return torch.full(tuple(_ints(shape)), v.reshape(-1)[0].item(), dtype=torch.from_numpy(v).dtype)
+    return torch.full(tuple(_ints(shape)), v.reshape(-1)[0].item(), dtype=torch.from_numpy(v).dtype,
+                      device=shape.device)
 
 
 def _shape(x, start=0, end=None):
-    return torch.tensor(list(x.shape)[start:end], dtype=torch.int64)
+    return torch.tensor(list(x.shape)[start:end], dtype=torch.int64, device=x.device)
 
 
 def _squeeze(x, axes=None):
