@@ -128,8 +128,11 @@ def _keeps_channels(gi: GraphIndex, node: onnx.NodeProto, x: str) -> tuple[bool,
         return True, True
     if op == "Pad":
         pads = gi.const(node.input[1]) if len(node.input) > 1 else None
-        if pads is None:
-            return False, False
+        if pads is None:  # computed from shapes (TorchScript's Swin windows): what it did on the probe run
+            s_in, s_out = gi.shapes.get(x), gi.shapes.get(out)
+            same = s_in is not None and s_out is not None and len(s_in) == len(s_out) and all(
+                isinstance(a, int) and a == b for a, b in zip(s_in[1:], s_out[1:]))
+            return True, same
         return True, bool(np.all(pads == 0))
     if op == "Expand":
         return node.input[0] == x, True
@@ -217,9 +220,10 @@ def _act_kind(gi: GraphIndex, tensor: str) -> tuple[str, str | None]:
     return "general", None
 
 
+# names second: structure (see _structure) decides q/k/v/qkv/proj/fc1/fc2 wherever it finds them
 _ROLE_SUFFIX = [("qkv", "qkv"), ("attn.proj", "proj"), ("fc1", "fc1"), ("fc2", "fc2"),
-                ("reduction", "reduction"), ("head", "head"), ("head.fc", "head"),
-                ("patch_embed.proj", "patch_embed")]
+                ("reduction", "reduction"), ("head", "head"), ("head.fc", "head"), ("classifier", "head"),
+                ("patch_embed.proj", "patch_embed"), ("patch_embeddings.projection", "patch_embed")]
 
 
 def _role_from_name(name: str) -> str | None:
@@ -230,16 +234,77 @@ def _role_from_name(name: str) -> str | None:
 
 
 def _block_of(name: str) -> str | None:
-    m = re.match(r"(.*?(?:blocks|layers)\.\d+(?:\.blocks\.\d+)?)", name)
+    """timm's blocks.N / layers.N.blocks.M; Hugging Face's encoder.layer.N / layers.N(.blocks.M)."""
+    m = re.match(r"(.*?(?:blocks|layers|layer)\.\d+(?:\.blocks\.\d+)?)", name)
     return m.group(1) if m else None
 
 
-def analyze(model: onnx.ModelProto) -> GraphInfo:
+# fused ops of onnxruntime's transformer optimizer (optimum --optimize): the blocks vanish into them
+_FUSED_OPS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization",
+              "Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention", "BiasGelu",
+              "FastGelu", "GemmFastGelu", "BiasSplitGelu", "BiasAdd", "SkipGroupNorm"}
+
+
+def _probe_shapes(model: onnx.ModelProto, gi: GraphIndex, input_hw, cache: dict | None) -> None:
+    """Concrete shapes, from one onnxruntime run on a zero image, of the tensors whose channel
+    width shape inference left unknown: Reshape/Pad on shapes computed at run time (TorchScript's
+    Swin windows) would otherwise hide every LayerNorm -> Linear path behind them. Needs the
+    input's height and width (static in the graph, else `input_hw`); `cache` keeps the answers
+    between analyses of one conversion (tensor names do not change)."""
+    want = [o for n in gi.graph.node if n.op_type in _TRANSPARENT for o in n.output[:1]
+            if o and not isinstance(gi.last_dim(o), int) and gi.types.get(o) == onnx.TensorProto.FLOAT]
+    # a Pad whose pads are computed: whether it padded at all needs both whole shapes
+    for n in gi.graph.node:
+        if n.op_type == "Pad" and len(n.input) > 1 and not gi.is_const(n.input[1]):
+            want += [t for t in (n.input[0], n.output[0]) if t not in want and gi.types.get(t) == onnx.TensorProto.FLOAT
+                     and not all(isinstance(d, int) for d in (gi.shapes.get(t) or [None, None])[1:])]
+    if not want:
+        return
+    cache = {} if cache is None else cache
+    todo = [t for t in want if t not in cache]
+    x = gi.graph_inputs[0]
+    dims = list(gi.shapes.get(x) or [])
+    if todo and len(dims) == 4:
+        if not all(isinstance(d, int) for d in dims[2:]):
+            if input_hw is None:
+                todo = []
+            else:
+                dims[2:] = [int(v) for v in input_hw]
+        if not isinstance(dims[1], int):  # optimum leaves the channels open too: the patch Conv's
+            conv = next((n for n in gi.graph.node if n.op_type == "Conv" and n.input[0] == x), None)
+            w = gi.initializers.get(conv.input[1]) if conv is not None else None
+            dims[1] = int(w.dims[1]) if w is not None else None
+        if todo and isinstance(dims[1], int):
+            from .calibrate import lean_copy
+            from .runtime import make_session
+            try:
+                lean, external = lean_copy(model, todo)
+                sess = make_session(lean, external=external)
+                outs = sess.run(todo, {x: np.zeros([1] + dims[1:], np.float32)})
+                cache.update({t: list(v.shape) for t, v in zip(todo, outs)})
+            except Exception:  # shapes are a refinement: the analysis stands without them
+                cache.update({t: None for t in todo})
+    for t in want:
+        s = cache.get(t)
+        if s is not None:
+            gi.shapes[t] = [None] + s[1:]  # the batch axis stays unknown
+            gi.probed.add(t)
+
+
+def analyze(model: onnx.ModelProto, input_hw=None, shape_cache: dict | None = None) -> GraphInfo:
+    """`input_hw`: the image height and width where the graph leaves them dynamic (from the
+    preprocessing); `shape_cache`: see _probe_shapes."""
     # shapes from the weightless shell: inferring on the model itself serialized and copied every
     # weight (a 1.3 GB peak on vit_base, each time a pass invalidated the analysis)
     gi = GraphIndex(model, shapes_from=_infer_shapes(model_shell(model)).graph)
     if not gi.graph_inputs or not gi.graph_outputs:
         raise MptqError("the graph has no inputs or outputs")
+    fused = sorted({n.op_type for n in gi.graph.node if n.op_type in _FUSED_OPS})
+    if fused:
+        raise MptqError(f"the graph holds onnxruntime's fused transformer ops ({', '.join(fused)}), which hide the "
+                        "layers the passes rewrite: export without optimization (optimum-cli export onnx without "
+                        "--optimize; no onnxruntime.transformers optimizer) and convert that")
+    _probe_shapes(model, gi, input_hw, shape_cache)
     sites: list[Site] = []
     used: set[str] = set()
 
@@ -335,9 +400,12 @@ def analyze(model: onnx.ModelProto) -> GraphInfo:
                "fused when they follow torch's pattern: re-export at opset 17 or later if yours do not"
                if n_ln == 0 else "") + ")")
 
+    _structure(gi, sites)
     ln_groups = _ln_groups(gi, sites)
+    # Swin by name, or by structure: its stages widen (LayerNorms of several widths; a ViT's are one)
+    widths = {gi.last_dim(n.output[0]) for n in gi.graph.node if n.op_type == "LayerNormalization"}
     family = "swin" if any("window" in (n.name + (node_scope(n) or "")) for n in gi.graph.node) or \
-        any(s.role == "reduction" for s in sites) else "vit"
+        any(s.role == "reduction" for s in sites) or len(widths - {None}) > 1 else "vit"
     return GraphInfo(sites, ln_groups, gi.graph_inputs[0], gi.graph_outputs[0], family)
 
 
@@ -378,3 +446,133 @@ def _ln_groups(gi: GraphIndex, sites: list[Site]) -> list[LnGroup]:
             beta = node.input[2] if len(node.input) > 2 and node.input[2] and gi.is_const(node.input[2]) else None
             groups.append(LnGroup(node.name, sorted(set(reached), key=reached.index), exact, node.input[1], beta))
     return groups
+
+
+# --------------------------------------------------------------------------- structure
+
+# between a Linear's output and the attention MatMul it feeds: head split, transposes, the qkv
+# unbind, and the 1/sqrt(d) scale (a Mul/Div by a constant)
+_TO_ATTN = _LAYOUT | {"Split", "Gather", "Slice", "Squeeze", "Unsqueeze", "Mul", "Div", "Concat", "Expand"}
+_GELU_PARTS = {"Mul", "Add", "Div", "Erf", "Tanh", "Pow", "Gelu", "FastGelu", "Sigmoid", "Identity", "Cast"}
+
+
+def _back_to_site(gi: GraphIndex, tensor: str, by_out: dict[str, Site], through: set[str],
+                  limit: int = 12) -> Site | None:
+    """The Linear site whose output reaches `tensor` through `through` ops only (one data path:
+    multi-input ops are followed along their one non-constant input)."""
+    t = tensor
+    for _ in range(limit):
+        if t in by_out:
+            return by_out[t]
+        p = gi.producer.get(t)
+        if p is None or p.op_type not in through:
+            return None
+        data = [x for x in p.input if x and not gi.is_const(x)]
+        if p.op_type in ("Reshape", "Gather", "Slice", "Split", "Expand", "Squeeze", "Unsqueeze", "Pad"):
+            data = [p.input[0]]  # the rest (shape, indices, starts, pads) is shape arithmetic
+        if len(data) != 1:
+            return None
+        t = data[0]
+    return None
+
+
+def _gelu_source(gi: GraphIndex, tensor: str, by_out: dict[str, Site], limit: int = 12) -> Site | None:
+    """The one Linear site whose output the GELU producing `tensor` is computed from (its erf/tanh
+    form branches, so every non-constant input is followed)."""
+    found, seen, frontier = set(), set(), [tensor]
+    while frontier and len(seen) < limit:
+        t = frontier.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in by_out:
+            found.add(t)
+            continue
+        p = gi.producer.get(t)
+        if p is None or p.op_type not in _GELU_PARTS:
+            return None
+        frontier += [x for x in p.input if x and not gi.is_const(x)]
+    return by_out[found.pop()] if len(found) == 1 and not frontier else None
+
+
+def _forward_to_site(gi: GraphIndex, tensor: str, by_in: dict[str, list[Site]], limit: int = 8) -> Site | None:
+    """The one Linear site `tensor` reaches through layout ops (attn·V -> merge heads -> proj)."""
+    t = tensor
+    for _ in range(limit):
+        sites = by_in.get(t, [])
+        if len(sites) == 1:
+            return sites[0]
+        cons = [c for c in gi.consumers.get(t, []) if c.op_type not in ("Shape", "Size")]
+        if len(cons) != 1 or cons[0].op_type not in _LAYOUT:
+            return None
+        t = cons[0].output[0]
+    return None
+
+
+def _structure(gi: GraphIndex, sites: list[Site]) -> None:
+    """Roles and blocks from the graph's structure, in place: each attention unit (its Q, K, V
+    Linears, fused or separate, Q·Kᵀ, attn·V, the output projection) and the MLP after it
+    (fc1 -> GELU -> fc2) is one block. Names decided these before; they still name the block where
+    they agree with the structure (timm's blocks.N, Hugging Face's layer.N), and give the roles
+    structure does not (patch embedding, Swin's reduction)."""
+    by_out = {s.out_tensor: s for s in sites if s.op == "linear"}
+    by_in: dict[str, list[Site]] = {}
+    for s in sites:
+        if s.op == "linear":
+            by_in.setdefault(s.inputs[0].tensor, []).append(s)
+    order = {n.name: i for i, n in enumerate(gi.graph.node)}
+    units = []
+    for qk in (s for s in sites if s.role == "qk"):
+        q = _back_to_site(gi, qk.inputs[0].tensor, by_out, _TO_ATTN)
+        k = _back_to_site(gi, qk.inputs[1].tensor, by_out, _TO_ATTN)
+        if q is None or k is None:
+            continue
+        # the attn·V fed (through the mask/bias adds, Softmax and layout ops) by this Q·Kᵀ
+        av = next((s for s in sites if s.role == "av" and _reaches(gi, qk.out_tensor, s.inputs[0].tensor)), None)
+        v = _back_to_site(gi, av.inputs[1].tensor, by_out, _TO_ATTN) if av is not None else None
+        proj = _forward_to_site(gi, av.out_tensor, by_in) if av is not None else None
+        units.append((qk, av, q, k, v, proj))
+    for qk, av, q, k, v, proj in units:
+        if q is k and (v is None or v is q):
+            q.role = "qkv"
+        elif len({id(q), id(k), id(v)}) == 3:
+            q.role, k.role, v.role = "q", "k", "v"
+        if proj is not None and proj.role not in ("head",):
+            proj.role = "proj"
+    for fc2 in (s for s in sites if s.op == "linear" and s.inputs[0].kind == "post_gelu"):
+        fc1 = _gelu_source(gi, fc2.inputs[0].tensor, by_out)
+        if fc1 is not None and fc1 is not fc2 and fc2.role != "head":
+            fc1.role, fc2.role = "fc1", "fc2"
+    # blocks: a unit's sites and the MLP that follows it, up to the next unit
+    if not units:
+        return
+    units.sort(key=lambda u: order[u[0].node])
+    starts = [min(order[s.node] for s in u if s is not None) for u in units]
+    members: list[list[Site]] = [[s for s in u if s is not None] for u in units]
+    for s in sites:
+        if s.role in ("fc1", "fc2"):
+            i = max((j for j, st in enumerate(starts) if st < order[s.node]), default=None)
+            if i is not None:
+                members[i].append(s)
+    for j, ms in enumerate(members):
+        named = {s.block for s in ms}
+        if len(named) == 1 and None not in named:
+            continue  # the names agree with the structure: keep them (readable, stable)
+        for s in ms:
+            s.block = f"block{j}"
+
+
+def _reaches(gi: GraphIndex, src: str, dst: str, limit: int = 12) -> bool:
+    """Whether `dst` is computed from `src` within `limit` single-consumer steps (Q·Kᵀ -> scale ->
+    bias/mask adds -> Softmax -> attn·V's input)."""
+    frontier = [src]
+    for _ in range(limit):
+        if dst in frontier:
+            return True
+        nxt = []
+        for t in frontier:
+            for c in gi.consumers.get(t, []):
+                if c.op_type not in ("MatMul", "Shape", "Size"):
+                    nxt += [o for o in c.output if o]
+        frontier = nxt
+    return dst in frontier

@@ -65,7 +65,7 @@ def quantize(model: PathLike, calib: PathLike, output: PathLike | None = None, *
     cfg = quant_config(**options)
     src = Path(model)
     notes: list[str] = []
-    pp = resolve(load_model(src), src, PreprocessOverrides(**pre), log=notes.append)
+    pp = resolve(load_model(src), src, PreprocessOverrides(**pre), log=notes.append, calib=calib)
     out = Path(output) if output is not None else default_output(src, cfg)
     _, rep = run_convert(src, None, calib, cfg, out, force, Path(report) if report else None, pp=pp, notes=notes)
     rp = Path(report) if report else out.with_suffix(".report.json")

@@ -16,7 +16,8 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from .modelio import LARGE_BYTES, fill_shell, image_input, take_weights, tensor_nbytes
-from .runtime import make_session
+from .errors import MptqError
+from .runtime import first_line, make_session
 
 
 @dataclasses.dataclass
@@ -218,7 +219,12 @@ def calibrate(model: onnx.ModelProto, images: np.ndarray, row_tensors: list[str]
     del lean, external
     if weights is not None:
         weights.clear()  # onnxruntime has its copy
-    probe = sess.run(names, {in_name: images[:1]})
+    try:
+        probe = sess.run(names, {in_name: images[:1]})
+    except Exception as e:  # the first image: a size the graph does not take fails here
+        raise MptqError(f"onnxruntime cannot run the model on the calibration images (shape "
+                        f"{list(images[:1].shape)}): {first_line(e)}; if the size is wrong, give it with --size "
+                        "(or preprocessed tensors of the right size)") from None
     per_image = max(sum(v.nbytes for v in probe), 1)
     per_image_full = max(sum(v.nbytes for n, v in zip(names, probe) if n in full_set), 1)
     del probe

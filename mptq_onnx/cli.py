@@ -174,7 +174,7 @@ def cmd_convert(a) -> int:
     # a bad file fails first, before any note on its preprocessing; convert reads the model again
     # and owns it
     notes: list[str] = []  # said after the conversion, so that a bad input gets one error line only
-    pp = resolve(load_model(src), src, _overrides(a), log=notes.append)
+    pp = resolve(load_model(src), src, _overrides(a), log=notes.append, calib=a.calib)
     out = Path(a.output) if a.output else default_output(src, cfg)
     if a.calib is None:
         raise MptqError("--calib is required: an image folder or an .npy/.npz of preprocessed images")

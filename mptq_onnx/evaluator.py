@@ -58,23 +58,23 @@ class EvalResult:
                 f"({self.images_per_s:.1f} img/s inference, {self.seconds:.1f} s total)")
 
 
-def class_names(model: onnx.ModelProto, model_path=None) -> list[str] | None:
-    """The model's class names: from its metadata (`export` writes them from a card or a Hugging
-    Face config), else from the `id2label` of a Hugging Face config.json beside the model file
-    (what optimum writes beside model.onnx)."""
-    from .exporter import CLASS_NAMES_KEY, HF_MODEL_CONFIG, hf_class_names
+def class_names(model: onnx.ModelProto, model_path=None) -> tuple[list[str] | None, str | None]:
+    """(the model's class names, where from): its metadata (`export` writes them from a card, as
+    folder names, or from a Hugging Face config's `id2label`), else the `id2label` of a Hugging
+    Face config.json beside the model file (what optimum writes beside model.onnx)."""
+    from .exporter import CLASS_NAMES_FROM_KEY, CLASS_NAMES_KEY, HF_MODEL_CONFIG, hf_class_names
 
     raw = get_metadata(model, CLASS_NAMES_KEY)
     if raw:
-        return json.loads(raw) or None
+        return json.loads(raw) or None, get_metadata(model, CLASS_NAMES_FROM_KEY) or "card"
     if model_path is not None:
         cfg = Path(model_path).parent / HF_MODEL_CONFIG
         if cfg.is_file():
             try:
-                return hf_class_names(json.loads(cfg.read_text()))
+                return hf_class_names(json.loads(cfg.read_text())), "id2label"
             except (OSError, ValueError):
-                return None
-    return None
+                pass
+    return None, None
 
 
 def folder_labels(model: onnx.ModelProto, folders: list[str], data_dir, model_path=None,
@@ -82,19 +82,19 @@ def folder_labels(model: onnx.ModelProto, folders: list[str], data_dir, model_pa
     """The model's class index for each class folder (in ImageFolder's sorted order).
 
     With class names (`class_names`) each folder is looked up by name, so a subset of the
-    classes is scored correctly and a foreign folder is an error. When no folder bears a class
-    name (e.g. wnid folders for a model whose names are words) and the counts agree, the folders
-    are taken by position, and `log` says so. With only a class count, the folders must be
+    classes is scored correctly and a foreign folder is an error. Hugging Face labels are words
+    ("tabby cat"), which folders (wnids) seldom bear: when no folder bears one and the counts
+    agree, the folders are taken by position, and `log` says so. With only a class count, the folders must be
     exactly that many (ImageFolder numbers them by position, so any other count would pair
     images with the wrong labels).
     """
     from .exporter import NUM_CLASSES_KEY
 
-    names = class_names(model, model_path)
+    names, whence = class_names(model, model_path)
     if names:
         index = {n: i for i, n in enumerate(names)}
         unknown = [f for f in folders if f not in index]
-        if unknown and len(unknown) == len(folders) and len(folders) == len(names):
+        if whence == "id2label" and unknown and len(unknown) == len(folders) and len(folders) == len(names):
             (log or (lambda m: print(m, file=sys.stderr)))(
                 f"mptq-onnx: note: no class folder in {data_dir} is named like a class of the model (e.g. "
                 f"{names[0]!r}); labelling the {len(folders)} folders by their sorted position")

@@ -43,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_KEY = "mptq.source"
 NUM_CLASSES_KEY = "mptq.num_classes"
 CLASS_NAMES_KEY = "mptq.class_names"  # JSON list: the ImageFolder folder name of each output index
+CLASS_NAMES_FROM_KEY = "mptq.class_names_from"  # "id2label" where they are a Hugging Face config's labels
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = 21
 # node metadata the dynamo exporter writes that we drop: absolute file paths, differs per machine
@@ -227,7 +228,7 @@ def _build_hf(folder: Path, *, seed: int, img_size, num_classes, pretrained: boo
     names = hf_class_names(config)
     return BuiltModel(module=module, preprocess=pp, source=folder.name, num_classes=n_cls,
                       weights=f"{folder.name} ({arch})", class_names=names if names and len(names) == n_cls else None,
-                      preprocess_known=pp_known)
+                      preprocess_known=pp_known, class_names_from="id2label")
 
 
 # --------------------------------------------------------------------------- building the torch model
@@ -243,6 +244,7 @@ class BuiltModel:
     weights: str  # "random (seed N)", "pretrained", or the checkpoint file name
     class_names: list[str] | None = None  # folder name (e.g. wnid) of each class, where the card lists them
     preprocess_known: bool = True  # False: a Hugging Face folder without preprocessor_config.json
+    class_names_from: str | None = None  # "id2label": labels (words), which folders may not bear
 
 
 def _timm_class(timm, name: str):
@@ -621,6 +623,8 @@ def to_onnx(built: BuiltModel, *, exporter: str = "dynamo", opset: int = DEFAULT
     set_metadata(proto, NUM_CLASSES_KEY, str(built.num_classes))
     if built.class_names:
         set_metadata(proto, CLASS_NAMES_KEY, json.dumps(built.class_names))
+        if built.class_names_from:
+            set_metadata(proto, CLASS_NAMES_FROM_KEY, built.class_names_from)
     return proto
 
 

@@ -62,9 +62,13 @@ class GraphIndex:
         self.graph_inputs = [i.name for i in g.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in g.output]
         self.shapes: dict[str, list] = {}
+        self.probed: set[str] = set()  # tensors whose shape came from a run (analyze._probe_shapes)
+        self.types: dict[str, int] = {}  # onnx elem_type, where known
         sg = g if shapes_from is None else shapes_from
         for vi in list(sg.value_info) + list(sg.input) + list(sg.output):
             t = vi.type.tensor_type
+            if t.elem_type:
+                self.types[vi.name] = t.elem_type
             if t.HasField("shape"):
                 self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                         for d in t.shape.dim]

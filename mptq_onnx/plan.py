@@ -250,13 +250,15 @@ class Context:
         self.teacher: onnx.ModelProto | None = None  # the float model reconstruction aims at (KeepFloat)
         self.preprocess = None  # how the calibration images were made (None: the model's metadata)
         self.source = None  # the model's file, where it came from one (class names beside it)
+        self.shape_cache: dict = {}  # tensor shapes the analysis ran the model for (analyze._probe_shapes)
         self._info: GraphInfo | None = None
         self.t0 = time.perf_counter()
 
     @property
     def info(self) -> GraphInfo:
         if self._info is None:
-            self._info = analyze(self.model)
+            hw = self.preprocess.input_size[1:] if self.preprocess is not None else None
+            self._info = analyze(self.model, hw, self.shape_cache)
         return self._info
 
     def invalidate(self) -> None:

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import MptqError
@@ -89,10 +90,57 @@ def from_hf_config(path: Path, channels: int = 3) -> Preprocess:
     return pp
 
 
+def dynamic_hw(model: onnx.ModelProto) -> bool:
+    """Whether the image input leaves its height or width open (optimum's exports)."""
+    from .modelio import image_input
+    dims = image_input(model).type.tensor_type.shape.dim
+    return len(dims) == 4 and not all(d.HasField("dim_value") for d in dims[2:])
+
+
+def size_from_graph(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """The input size a ViT was built for, where its graph leaves it open: the patch Conv's stride
+    times the side of the position embedding's token grid ([1, T, C] with T - k a square, k = 0, 1, 2
+    for no, a class, or a class and a distillation token). None where there is no such embedding
+    (Swin: any size its windows divide)."""
+    from .modelio import image_input
+    x = image_input(model).name
+    inits = {t.name: t for t in model.graph.initializer}
+    conv = next((n for n in model.graph.node if n.op_type == "Conv" and n.input[0] == x and n.input[1] in inits), None)
+    if conv is None:
+        return None
+    stride = next((list(a.ints) for a in conv.attribute if a.name == "strides"), [1, 1])
+    width = inits[conv.input[1]].dims[0]
+    # the largest such tensor: the class and distillation tokens are [1, 1, C] too
+    tokens = max((t.dims[1] for t in model.graph.initializer
+                  if len(t.dims) == 3 and t.dims[0] == 1 and t.dims[2] == width and t.dims[1] >= 4), default=0)
+    for k in (1, 0, 2):
+        r = int(round(max(tokens - k, 0) ** 0.5))
+        if r > 1 and r * r == tokens - k:
+            return r * stride[0], r * stride[-1]
+    return None
+
+
+def _tensor_hw(calib) -> tuple[int, int] | None:
+    """Height and width of the images in an .npy/.npz of preprocessed NCHW tensors, else None."""
+    p = Path(calib) if calib is not None else None
+    if p is None or not p.is_file() or p.suffix not in (".npy", ".npz"):
+        return None
+    try:
+        if p.suffix == ".npy":
+            shape = np.load(p, mmap_mode="r", allow_pickle=False).shape
+        else:
+            with np.load(p, allow_pickle=False) as z:
+                shape = z[z.files[0]].shape if z.files else ()
+    except Exception:
+        return None  # the calibration loader says what is wrong with it
+    return (int(shape[2]), int(shape[3])) if len(shape) == 4 else None
+
+
 def resolve(model: onnx.ModelProto, model_path: str | Path | None = None,
-            overrides: PreprocessOverrides | None = None, log=None) -> tuple[Preprocess, str]:
+            overrides: PreprocessOverrides | None = None, log=None, calib=None) -> tuple[Preprocess, str]:
     """(the preprocessing, where it came from); see the module doc. `log` gets the one line said
-    when the default is assumed (default: stderr)."""
+    when the default is assumed (default: stderr). `calib`: the calibration source; tensors
+    (.npy/.npz) give the size where the graph leaves it open."""
     ov = overrides or PreprocessOverrides()
     ov.validate()
     if get_metadata(model, PREPROCESS_KEY):
@@ -102,12 +150,25 @@ def resolve(model: onnx.ModelProto, model_path: str | Path | None = None,
         pp, src = from_hf_config(p), str(p)
     else:
         pp, src = get_preprocess(model), "default"
+    size_note = ""
+    if src == "default" and dynamic_hw(model):
+        hw, whence = _tensor_hw(calib), "the calibration tensors"
+        if hw is None:
+            hw, whence = size_from_graph(model), "the position embedding"
+        if hw is not None:
+            pp.input_size = (pp.input_size[0], *hw)
+            pp.crop_pct = 1.0 if hw[0] < 224 else pp.crop_pct
+            size_note = f"; the input's height and width are dynamic: {hw[0]}x{hw[1]} from {whence}"
+        else:
+            size_note = "; the input's height and width are dynamic and nothing in the graph fixes them"
     if ov.mean is not None:
         pp.mean = tuple(ov.mean)
     if ov.std is not None:
         pp.std = tuple(ov.std)
     if ov.size is not None:
         pp.input_size = (pp.input_size[0], ov.size, ov.size)
+        if src == "default" and ov.crop_pct is None:
+            pp.crop_pct = 1.0 if ov.size < 224 else Preprocess.crop_pct  # the default's rule for small inputs
     if ov.crop_pct is not None:
         pp.crop_pct = ov.crop_pct
     if ov.interpolation is not None:
@@ -118,8 +179,8 @@ def resolve(model: onnx.ModelProto, model_path: str | Path | None = None,
     elif src == "default":
         msg = (f"mptq-onnx: note: no preprocessing in the model or a {HF_CONFIG} beside it; assuming mean "
                f"{_fmt(pp.mean)}, std {_fmt(pp.std)}, {pp.input_size[1]}x{pp.input_size[2]} ({pp.interpolation}, "
-               f"crop {pp.crop_pct:g}): if the model was trained otherwise, say so with --mean/--std/--size/"
-               f"--crop-pct/--interpolation")
+               f"crop {pp.crop_pct:g}){size_note}: if the model was trained otherwise, say so with --mean/--std/"
+               f"--size/--crop-pct/--interpolation")
         (log or (lambda m: print(m, file=sys.stderr)))(msg)
         src = "default (assumed)"
     return pp, src

@@ -106,57 +106,18 @@ def calib(model):
     return load_calibration(embedded_calib_dir(), get_preprocess(model), 32, progress=False)
 
 
-HF_FAMILIES = ("vit", "deit", "swin")
-
-
-def _make_hf_dir(family: str, out: Path) -> Path:
-    """A small random transformers image classifier saved with save_pretrained, biases and
-    LayerNorm parameters jittered (trained-like: no zero biases, no unit gains). vit: a
-    preprocessor_config.json with mean = std = 0.5 and named classes; deit: a resize-then-crop
-    config; swin: no preprocessor config at all."""
-    pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
-    import torch
-    import transformers as tf
-
-    common = dict(num_labels=10, image_size=32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if family == "vit":
-            m = tf.ViTForImageClassification(tf.ViTConfig(
-                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
-                id2label={i: f"class_{chr(97 + i)}" for i in range(10)}, **common))
-        elif family == "deit":
-            m = tf.DeiTForImageClassification(tf.DeiTConfig(
-                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
-                **common))
-        else:
-            m = tf.SwinForImageClassification(tf.SwinConfig(
-                embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, patch_size=4, **common))
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if n.endswith("bias") or "norm" in n.lower():
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-    d = out / family
-    m.save_pretrained(d)
-    if family == "vit":
-        tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    elif family == "deit":
-        tf.DeiTImageProcessor(size={"height": 36, "width": 36}, crop_size={"height": 32, "width": 32},
-                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
-    return d
-
-
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
-    """Factory: hf_dir(family) -> a save_pretrained folder (see _make_hf_dir), made once."""
+    """Factory: hf_dir(family) -> a small random save_pretrained folder (tools/foreign.make_hf_dir), made once."""
     cache: dict[str, Path] = {}
     out = tmp_path_factory.mktemp("hf")
 
     def make(family: str) -> Path:
         if family not in cache:
             _need_torch()
-            cache[family] = _make_hf_dir(family, out)
+            pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+            from tools.foreign import make_hf_dir
+            cache[family] = make_hf_dir(family, out)
         return cache[family]
 
     return make

@@ -23,7 +23,7 @@ def test_export_hf_folder_carries_preprocessing_and_class_names(hf_onnx, hf_dir)
     pp = get_preprocess(m)
     assert pp.mean == (0.5, 0.5, 0.5) and pp.std == (0.5, 0.5, 0.5) and pp.input_size == (3, 32, 32)
     names = json.loads(get_metadata(m, "mptq.class_names"))
-    assert names == [f"class_{chr(97 + i)}" for i in range(10)]
+    assert names == [f"class_{chr(97 + i)}" for i in range(10)] and get_metadata(m, "mptq.class_names_from") == "id2label"
     assert get_metadata(m, "mptq.num_classes") == "10"
     d = get_preprocess(onnx.load(hf_onnx("deit")))  # resize 36, crop 32; ImageNet statistics
     assert d.input_size == (3, 32, 32) and d.crop_pct == pytest.approx(32 / 36) and d.mean[0] == 0.485
@@ -62,7 +62,7 @@ def test_hf_config_beside_an_onnx_file_names_the_classes(hf_onnx, tmp_path):
     onnx.save(m, d / "model.onnx")
     labels = {str(i): n for i, n in enumerate(["cat", "dog", "emu", "fox", "gnu", "hen", "ibis", "jay", "kea", "lynx"])}
     (d / "config.json").write_text(json.dumps({"id2label": labels}))
-    assert class_names(m, d / "model.onnx")[2] == "emu"
+    assert class_names(m, d / "model.onnx") == (list(labels.values()), "id2label")
     got = folder_labels(m, ["dog", "lynx", "cat"], tmp_path, d / "model.onnx")  # a subset, by name
     np.testing.assert_array_equal(got, [1, 9, 0])
     with pytest.raises(MptqError, match="not classes of this model"):

@@ -15,9 +15,11 @@ rounding it lowered the KL but cost agreement, see the README). Each block keeps
 a rescaling only where it lowers the quantized error on calibration data, and the float model is
 checked to be unchanged (else everything is reverted).
 
-Layout assumed (timm's Attention and WindowAttention): qkv output channels are [3, heads, head_dim];
-Q enters Q·Kᵀ as [.., heads, tokens, head_dim], Kᵀ as [.., heads, head_dim, tokens], V enters
-attn·V as [.., heads, tokens, head_dim], and proj's input channels are (head, head_dim).
+Layout assumed (timm's Attention and WindowAttention, Hugging Face's separate query/key/value):
+Q, K and V are one fused qkv Linear's output channels [3, heads, head_dim] or three Linears'
+[heads, head_dim]; Q enters Q·Kᵀ as [.., heads, tokens, head_dim], Kᵀ as [.., heads, head_dim,
+tokens], V enters attn·V as [.., heads, tokens, head_dim], and proj's input channels are (head,
+head_dim). Any other layout changes the float outputs, and the float check reverts the pass.
 """
 from __future__ import annotations
 
@@ -57,6 +59,41 @@ def _w_io(ctx: Context, site) -> np.ndarray:
     return w_in_out(ctx.weight(site.weight), site)
 
 
+class _Part:
+    """Q, K or V: `c` output columns of a Linear from column `lo` (a fused qkv's third, or all of
+    a separate query/key/value Linear)."""
+
+    def __init__(self, site, lo: int, c: int):
+        self.site, self.lo, self.c = site, lo, c
+
+    def ok(self, ctx) -> bool:
+        return self.site.weight is not None and _w_io(ctx, self.site).shape[1] >= self.lo + self.c
+
+    def rescale(self, ctx, save, mul: np.ndarray | None = None, div: np.ndarray | None = None,
+                mu: np.ndarray | None = None) -> None:
+        """W' = W·mul (or W / div) and b' = b·mul (or (b − μ) / div) on this part's columns."""
+        s, sl = self.site, slice(self.lo, self.lo + self.c)
+        save(s.weight)
+        w = _w_io(ctx, s).copy()
+        w[:, sl] = w[:, sl] * mul[None, :] if div is None else w[:, sl] / div[None, :]
+        set_w_in_out(ctx, s, w)
+        if s.bias:
+            save(s.bias)
+            b = ctx.weight(s.bias).copy()
+            b[sl] = b[sl] * mul if div is None else (b[sl] - (0 if mu is None else mu)) / div
+            ctx.set_initializer(s.bias, b.astype(np.float32))
+
+
+def attention_parts(roles: dict, c: int) -> tuple | None:
+    """(Q, K, V) parts of one block's attention, `c` = heads·head_dim, or None."""
+    if "qkv" in roles:
+        lin = roles["qkv"]
+        return _Part(lin, 0, c), _Part(lin, c, c), _Part(lin, 2 * c, c)
+    if all(r in roles for r in ("q", "k", "v")):
+        return _Part(roles["q"], 0, c), _Part(roles["k"], 0, c), _Part(roles["v"], 0, c)
+    return None
+
+
 class AttnSmooth(Pass):
     name = "attn-smooth"
     preserves_float = True
@@ -65,8 +102,10 @@ class AttnSmooth(Pass):
         info, stats, cfg = ctx.info, ctx.calib.stats, ctx.config
         by_block: dict[str, dict[str, object]] = {}
         for s in info.sites:
-            if s.block and s.role in ("qkv", "qk", "av", "proj"):
+            if s.block and s.role in ("qkv", "q", "k", "v", "qk", "av", "proj"):
                 by_block.setdefault(s.block, {})[s.role] = s
+        if not any(("qkv" in r or "q" in r) and "qk" in r for r in by_block.values()):
+            return PassResult(ctx, False, "skipped: no attention block with its Q/K/V Linears found", sites=0)
         backup: dict[str, np.ndarray] = {}
         # the rescaled samples are made after the float check, one at a time: made here, all of
         # them and the ones they replace were alive at once (~0.5 GB more on vit_base, from its shapes)
@@ -79,44 +118,48 @@ class AttnSmooth(Pass):
             if name not in backup:
                 backup[name] = ctx.weight(name)
 
+        n_blocks = 0
         for block, roles in by_block.items():
-            lin, qk, av, proj = (roles.get(r) for r in ("qkv", "qk", "av", "proj"))
-            if lin is None or lin.weight is None or skipped(ctx, lin):
+            qk, av, proj = (roles.get(r) for r in ("qk", "av", "proj"))
+            lins = [roles[r] for r in ("qkv", "q", "k", "v") if r in roles]
+            if not lins or any(s.weight is None or skipped(ctx, s) for s in lins):
                 continue
-            w = _w_io(ctx, lin)
+            n_blocks += 1
             if qk is not None and not skipped(ctx, qk):
-                r = self._qk(ctx, lin, qk, w, new_stats, save)
+                r = self._qk(ctx, roles, qk, new_stats, save)
                 if r:
                     report[qk.name] = r
                     n_qk += 1
-                    w = _w_io(ctx, lin)
-            if av is not None and proj is not None and proj.weight is not None and lin.bias and proj.bias \
+            if av is not None and proj is not None and proj.weight is not None and proj.bias \
                     and not skipped(ctx, proj):
-                r = self._v_proj(ctx, lin, av, proj, w, rng, new_stats, save)
+                r = self._v_proj(ctx, roles, av, proj, rng, new_stats, save)
                 if r:
                     report[proj.name] = r
                     n_v += 1
         if not report:
-            return PassResult(ctx, False, "no attention block improved")
+            return PassResult(ctx, False, f"no attention block of {n_blocks} improved", sites=0)
         drift, tol = float_drift(ctx)
         if not drift <= tol:
             for name, v in backup.items():
                 ctx.set_initializer(name, v)
             return PassResult(ctx, False, f"skipped and reverted: the rescaling changed the float outputs by up to "
-                                          f"{drift:.3g}; the attention layout is not timm's")
+                                          f"{drift:.3g}; the attention layout is not timm's", sites=0)
         for name in list(new_stats):
             stats[name] = new_stats.pop(name)()
         ctx.report["attn_smooth"] = report
         return PassResult(ctx, True, f"Q/K smoothed in {n_qk} blocks, V/proj shifted and smoothed in {n_v}",
-                          float_drift=(drift, tol))
+                          float_drift=(drift, tol), sites=len(report))
 
-    def _qk(self, ctx, lin, qk, w, new_stats, save) -> dict | None:
+    def _qk(self, ctx, roles, qk, new_stats, save) -> dict | None:
         sq, sk = (ctx.calib.stats[i.tensor] for i in qk.inputs)
         q, k = sq.sample, sk.sample
         if q is None or k is None or q.ndim != 4 or k.ndim != 4 or q.shape[1] != k.shape[1] \
-                or q.shape[3] != k.shape[2] or w.shape[1] != 3 * q.shape[1] * q.shape[3]:
+                or q.shape[3] != k.shape[2]:
             return None
         heads, d = q.shape[1], q.shape[3]
+        parts = attention_parts(roles, heads * d)
+        if parts is None or not all(p.ok(ctx) for p in parts[:2]):
+            return None
         qmax, kmax = np.abs(q).max(axis=(0, 2)), np.abs(k).max(axis=(0, 3))  # [heads, d]
         s = np.clip(np.sqrt(np.maximum(qmax, 1e-6) / np.maximum(kmax, 1e-6)), *S_RANGE).astype(np.float32)
         n = max(q.shape[0] * MAX_IMAGES // max(ctx.calib.full_images, 1), 1)
@@ -126,26 +169,22 @@ class AttnSmooth(Pass):
         e1 = _quant_product_err(qs / s[None, :, None, :], ks * s[None, :, :, None], ctx.config.abits, ref)
         if not e1 < e0:
             return None
-        c = heads * d
-        col = np.ones(3 * c, np.float32)
-        col[:c], col[c:2 * c] = 1.0 / s.reshape(-1), s.reshape(-1)
-        save(lin.weight)
-        set_w_in_out(ctx, lin, w * col[None, :])
-        save(lin.bias)
-        ctx.set_initializer(lin.bias, (ctx.weight(lin.bias) * col).astype(np.float32))
+        parts[0].rescale(ctx, save, mul=(1.0 / s.reshape(-1)).astype(np.float32))
+        parts[1].rescale(ctx, save, mul=s.reshape(-1))
         new_stats[sq.name] = lambda: _rescaled(sq, q / s[None, :, None, :])
         new_stats[sk.name] = lambda: _rescaled(sk, k * s[None, :, :, None])
         return {"kind": "qk", "err_before": round(e0, 5), "err_after": round(e1, 5)}
 
-    def _v_proj(self, ctx, lin, av, proj, w, rng, new_stats, save) -> dict | None:
+    def _v_proj(self, ctx, roles, av, proj, rng, new_stats, save) -> dict | None:
         cfg = ctx.config
         sx = ctx.calib.stats[proj.inputs[0].tensor]
         sv = ctx.calib.stats[av.inputs[1].tensor]
         x, v = sx.sample, sv.sample
         wp = _w_io(ctx, proj)
         c = wp.shape[0]
+        parts = attention_parts(roles, c)
         if x is None or sx.ch_min is None or v is None or v.ndim != 4 or v.shape[1] * v.shape[3] != c \
-                or w.shape[1] != 3 * c:
+                or parts is None or not parts[2].ok(ctx) or not parts[2].site.bias:
             return None
         err0, best = search_smoothing(sx, sample_rows(x, rng), [wp], cfg.sqb_alphas, ("mean", "midrange"),
                                       cfg.wbits, cfg.abits, cfg.smoothing_scores_weights())
@@ -153,14 +192,7 @@ class AttnSmooth(Pass):
             return None
         e, mu, s, shift, a = best
         heads, d = v.shape[1], v.shape[3]
-        save(lin.weight)
-        w2 = w.copy()
-        w2[:, 2 * c:] = w[:, 2 * c:] / s[None, :]
-        set_w_in_out(ctx, lin, w2)
-        save(lin.bias)
-        b = ctx.weight(lin.bias).copy()
-        b[2 * c:] = (b[2 * c:] - mu) / s
-        ctx.set_initializer(lin.bias, b.astype(np.float32))
+        parts[2].rescale(ctx, save, div=s, mu=mu)
         save(proj.weight)
         save(proj.bias)
         ctx.set_initializer(proj.bias, (ctx.weight(proj.bias) + mu @ wp).astype(np.float32))

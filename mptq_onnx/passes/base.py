@@ -28,6 +28,9 @@ class PassResult:
     # (max |Δlogit|, tolerance) a preserves_float pass measured itself after its last change,
     # against calibration's float logits: PassManager checks it instead of running the model again
     float_drift: tuple[float, float] | None = None
+    # how many sites (or blocks, for reconstruction) the pass acted on: the report's "sites", so
+    # that a pass that quietly found nothing to do on a foreign graph shows as 0
+    sites: int | None = None
 
 
 class Pass:
@@ -56,7 +59,7 @@ class PassManager:
             dt = time.perf_counter() - t
             modified |= res.modified
             ctx.report["passes"].append({"pass": p.name, "seconds": round(dt, 3), "modified": res.modified,
-                                         "summary": res.summary})
+                                         "summary": res.summary, "sites": res.sites})
             if self.verbose:
                 print(f"[{p.name}] {dt:6.1f}s  {res.summary}", file=sys.stderr)
             if p.preserves_float:

@@ -43,6 +43,9 @@ def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
                                 "torch.onnx.export(..., opset_version=17))") from None
         done.append(f"opset {ver}->{TARGET_OPSET}")
     copy_node_metadata(src_nodes, list(model.graph.node))  # before fusing: the LN takes its scope
+    n_id = fold_const_identities(model)
+    if n_id:
+        done.append(f"{n_id} Identity nodes of initializers folded")
     n_ln = fuse_layernorm(model)
     if n_ln:
         done.append(f"fused {n_ln} decomposed LayerNorms")
@@ -73,6 +76,30 @@ def canonicalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
     return new, done
+
+
+def fold_const_identities(model: onnx.ModelProto) -> int:
+    """Read initializers directly where an Identity passed them on, in place; returns how many.
+
+    The TorchScript exporter (and optimum with it) replaces repeated identical initializers by
+    Identity nodes of the first one: zero biases and unit LayerNorm gains of fresh weights, the
+    same weight in two places. Behind an Identity a parameter is not a constant to the analysis
+    (a bias came out as None, and SQ-b found 1 of 9 LayerNorm groups); read directly, it is one
+    shared initializer, which unshare_parameters then copies per consumer. The Identity nodes are
+    left dead for the cleanup."""
+    inits = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    for n in model.graph.node:
+        for i, x in enumerate(n.input):
+            while x in alias:
+                x = alias[x]
+            if x != n.input[i]:
+                n.input[i] = x
+    return len(alias)
 
 
 def _axes_last(gi: GraphIndex, node: onnx.NodeProto, x: str) -> bool:
@@ -254,4 +281,4 @@ class Canonicalize(Pass):
         info = ctx.info
         check_skip(info, ctx.config.skip_sites)
         return PassResult(ctx, bool(done), f"{info.family}: {len(info.sites)} sites ({info.summary()})"
-                          + (f"; {', '.join(done)}" if done else ""))
+                          + (f"; {', '.join(done)}" if done else ""), sites=len(info.sites))

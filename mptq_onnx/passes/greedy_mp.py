@@ -233,4 +233,5 @@ class GreedyMP(Pass):
                 print(f"  mp: {step['site']:<32} {step['type']}->{step['bits']}  {kl}  "
                       f"avg W {step['avg_w']:.2f} A {step['avg_a']:.2f}", file=sys.stderr)
         return PassResult(ctx, False, f"{len(path)} moves to avg W {wb:.2f} / A {ab:.2f} bits "
-                                      f"(target {target:g}); KL {kl0:.4f} -> {kl_cur:.4f}")
+                                      f"(target {target:g}); KL {kl0:.4f} -> {kl_cur:.4f}",
+                          sites=len({s["site"] for s in path}))

@@ -23,7 +23,7 @@ from .base import Pass, PassResult
 from .sqb import fold
 from .uniform import act_quantizer, skipped, softmax_sulq, weight_quantizer
 
-CHANNEL_ROLES = ("qkv", "fc1")  # the reference code's channel-wise inputs (timm's qkv and fc1 Linears)
+CHANNEL_ROLES = ("qkv", "q", "k", "v", "fc1")  # the reference code's channel-wise inputs (timm's qkv and fc1 Linears; HF's query, key, value)
 
 
 def _channel_groups(ctx: Context) -> dict[str, object]:
@@ -64,7 +64,7 @@ class IasActQuant(Pass):
             ctx.plan[site.name] = p
             n += 1
         return PassResult(ctx, True, f"A{cfg.abits} on {n} sites, per channel on {len(per_channel)} "
-                                     "post-LayerNorm inputs; weights float")
+                                     "post-LayerNorm inputs; weights float", sites=n)
 
 
 def fold_per_channel(q: Quantizer) -> tuple[np.ndarray, np.ndarray, Quantizer]:
@@ -99,7 +99,7 @@ class IasFold(Pass):
                 p.acts[0] = layer
             n += 1
         ctx.invalidate()
-        return PassResult(ctx, bool(n), f"{n} per-channel quantizers folded into LayerNorm and Linear")
+        return PassResult(ctx, bool(n), f"{n} per-channel quantizers folded into LayerNorm and Linear", sites=n)
 
 
 class IasWeights(Pass):
@@ -112,4 +112,4 @@ class IasWeights(Pass):
                 p.w_bits = ctx.config.wbits
                 p.weight = weight_quantizer(ctx, p.site, p.w_bits, "mse")
                 n += 1
-        return PassResult(ctx, bool(n), f"W{ctx.config.wbits} per-channel weight quantizers on {n} sites")
+        return PassResult(ctx, bool(n), f"W{ctx.config.wbits} per-channel weight quantizers on {n} sites", sites=n)

@@ -256,4 +256,4 @@ class OptM(Pass):
             p.methods.append("opt-m")
             ctx.plan[site.name] = p
         return PassResult(ctx, False, f"W{cfg.wbits}A{cfg.abits} on {len(ctx.plan)} sites; activation quantizers: "
-                          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+                          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), sites=len(ctx.plan))

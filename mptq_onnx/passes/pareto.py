@@ -227,7 +227,7 @@ class ParetoMP(Pass):
                   f"{sens.fit_r2:.2f}), frontier {t_frontier * 1000:.0f} ms", file=sys.stderr)
         kl_s = f"; KL {kl:.4f}" if kl is not None else ""
         return PassResult(ctx, False, f"avg W {wb:.2f} / A {ab:.2f} bits (target {target:g}), "
-                                      f"{chosen['gbops']:.3f} GBOPs{kl_s}")
+                                      f"{chosen['gbops']:.3f} GBOPs{kl_s}", sites=len(ctx.plan))
 
     @staticmethod
     def _search_target(ctx: Context, sim, feeds_of, describe, lo: float, hi: float) -> float:

@@ -110,10 +110,10 @@ class PatchWise(Pass):
             after += patch_gbops(p.patch, macs[s.name], p.a_bits)
             n += 1
         if not n:
-            return PassResult(ctx, False, "skipped: no attention·V site below --patch-bits' width")
+            return PassResult(ctx, False, "skipped: no attention·V site below --patch-bits' width", sites=0)
         saved = 1.0 - after / before if before else 0.0
         ctx.report["patchwise"] = {"sites": n, "keep": cfg.patch_keep, "low_bits": cfg.patch_bits,
                                    "attention_gbops": round(before, 6), "attention_gbops_patchwise": round(after, 6),
                                    "attention_gbops_saved": round(saved, 4)}
         return PassResult(ctx, False, f"{n} attention·V sites: {cfg.patch_bits}-bit operands for "
-                                      f"{1 - cfg.patch_keep:.0%} of the tokens; attention GBOPs -{saved:.1%}")
+                                      f"{1 - cfg.patch_keep:.0%} of the tokens; attention GBOPs -{saved:.1%}", sites=n)

@@ -137,4 +137,4 @@ class WriteQDQ(Pass):
         n_q = sum(n.op_type == "QuantizeLinear" for n in ctx.model.graph.node)
         n_dq = sum(n.op_type == "DequantizeLinear" for n in ctx.model.graph.node)
         return PassResult(ctx, True, f"{n_q} QuantizeLinear, {n_dq} DequantizeLinear; "
-                                     f"avg W {wb:.2f} bits, A {ab:.2f} bits")
+                                     f"avg W {wb:.2f} bits, A {ab:.2f} bits", sites=len(ctx.plan))

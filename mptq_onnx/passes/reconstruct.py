@@ -61,7 +61,12 @@ class Reconstruct(Pass):
                            loss=cfg.recon_loss)
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
-            new, rows, acts = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher)
+            t_info = None
+            if ctx.teacher is not None:  # analysed as the model is: same size hint and probed shapes
+                from ..analyze import analyze
+                hw = ctx.preprocess.input_size[1:] if ctx.preprocess is not None else None
+                t_info = analyze(ctx.teacher, hw, ctx.shape_cache)
+            new, rows, acts = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher, t_info)
         except NotImplementedError as e:
             raise MptqError(f"{self.name}: {e}") from None
         changed = set(new)
@@ -80,7 +85,7 @@ class Reconstruct(Pass):
         ctx.report.setdefault("reconstruct_loss", {})[self.name] = st.loss
         trained = [r for r in rows if "loss_after" in r]
         if not trained:
-            return PassResult(ctx, False, "nothing to train")
+            return PassResult(ctx, False, "nothing to train", sites=0)
         ratio = np.median([r["loss_after"] / max(r["loss_before"], 1e-30) for r in trained])
         return PassResult(ctx, True, f"{len(trained)} blocks x {cfg.recon_iters} iterations; "
-                                     f"block loss ({st.loss}) x{ratio:.2f} (median)")
+                                     f"block loss ({st.loss}) x{ratio:.2f} (median)", sites=len(trained))

@@ -73,7 +73,7 @@ class GPTQRounding(Pass):
         msg = f"{len(gain)} weights rounded with error compensation"
         if gain:
             msg += f"; output error x{np.median(gain):.2f} (median)"
-        return PassResult(ctx, bool(gain), msg)
+        return PassResult(ctx, bool(gain), msg, sites=len(gain))
 
 
 def _err(x: np.ndarray, w: np.ndarray, wq: np.ndarray) -> float:

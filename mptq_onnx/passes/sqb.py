@@ -197,5 +197,7 @@ class SmoothQuantBias(Pass):
         hist: dict[str, int] = {}
         for c in chosen:
             hist[c] = hist.get(c, 0) + 1
-        return PassResult(ctx, bool(chosen), f"folded {len(chosen)} LayerNorm groups; alpha/shift: "
-                          + ", ".join(f"{k}x{v}" for k, v in sorted(hist.items())))
+        n_groups = sum(g.exact for g in info.ln_groups)
+        return PassResult(ctx, bool(chosen), f"folded {len(chosen)} of {n_groups} LayerNorm groups; alpha/shift: "
+                          + ", ".join(f"{k}x{v}" for k, v in sorted(hist.items())),
+                          sites=len(ctx.report.get("sqb", {})))

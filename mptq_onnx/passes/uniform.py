@@ -94,4 +94,5 @@ class UniformParams(Pass):
             p.methods.append(f"uniform-{cfg.act_method}")
             ctx.plan[site.name] = p
             n += 1
-        return PassResult(ctx, False, f"W{cfg.wbits}A{cfg.abits} {cfg.weight_method}/{cfg.act_method} on {n} sites")
+        return PassResult(ctx, False, f"W{cfg.wbits}A{cfg.abits} {cfg.weight_method}/{cfg.act_method} on {n} sites",
+                          sites=n)

@@ -281,21 +281,21 @@ def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out
 
 def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.ndarray,
                 settings: ReconSettings, teacher: onnx.ModelProto | None = None,
-                ) -> tuple[dict[str, np.ndarray], list[dict], dict[tuple[str, int], object]]:
+                teacher_info: GraphInfo | None = None) -> tuple[dict[str, np.ndarray], list[dict], dict[tuple[str, int], object]]:
     """Trained weights and biases by initializer name, a report row per segment, and the
     activation quantizers whose scales trained, by (site name, input index). `teacher`: the float
     model whose block outputs are the targets (default: `model` without quantizers)."""
     if settings.threads is None:
-        return _reconstruct(model, info, plan, images, settings, teacher)
+        return _reconstruct(model, info, plan, images, settings, teacher, teacher_info)
     before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _reconstruct(model, info, plan, images, settings, teacher)
+        return _reconstruct(model, info, plan, images, settings, teacher, teacher_info)
     finally:
         torch.set_num_threads(before)  # torch's setting is process-wide: leave it as it was
 
 
-def _reconstruct(model, info, plan, images, settings, teacher):
+def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None):
     from tqdm import tqdm
 
     from ..analyze import analyze
@@ -303,7 +303,7 @@ def _reconstruct(model, info, plan, images, settings, teacher):
     dev = settings.device
     segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0)
     if teacher is not None:
-        t_info = analyze(teacher)
+        t_info = teacher_info or analyze(teacher)
         t_plan = {n: dataclasses.replace(p, site=t_info.site(n), weight=None, acts=[]) for n, p in plan.items()}
         t_segs = [t for _, t in build_segments(teacher, t_info, t_plan, dev, specs=[sp for sp, _ in segs])]
     else:
