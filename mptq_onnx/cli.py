@@ -155,7 +155,7 @@ def _add_runtime_args(p):
                    help="onnxruntime execution providers in order: cpu (default), cuda (onnxruntime-gpu), "
                         "tensorrt, dml, openvino, ... or full names; the CPU is always the fallback")
     p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: onnxruntime's, one per core)")
+                   help="onnxruntime intra-op threads, and torch's while reconstructing (default: one per core)")
 
 
 def _overrides(a):

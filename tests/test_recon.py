@@ -447,3 +447,80 @@ def test_interpreter_runs_shape_math_on_cuda():
     y = seg(x)[0]
     assert y.device.type == "cuda"
     assert torch.equal(y.cpu(), x.cpu().reshape(2, 24) + torch.arange(24) + 1)
+
+
+def _region_two_parts(x, sp, sn, qmin, qmax):
+    """The region quantizer as two quantizers added (the reference the fused STE must equal)."""
+    cp = torch.clamp(torch.round(torch.relu(x) / sp), 0, qmax)
+    cn = torch.clamp(torch.round(torch.clamp(x, max=0.0) / sn), qmin, 0)
+    return cp * sp + cn * sn
+
+
+def test_fast_fake_quantizers_equal_the_plain_formulas_and_lsq_gradients():
+    """Issue 24: the float-arithmetic STEs (no bool masks, one scale per element for the region
+    quantizer) give the same values and the same gradients, bit for bit, as the composed formulas
+    with their straight-through and LSQ gradients written out."""
+    from mptq_onnx.recon.fakequant import _RegionSTE, _UniformSTE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 17, 96, generator=g) * 2
+    x[0, 0, :4] = torch.tensor([0.0, 1e-9, -1e-9, 50.0])
+    gout = torch.randn(x.shape, generator=g)
+    for qmin, qmax in ((-8, 7), (-128, 127)):
+        sp = torch.tensor(0.05, requires_grad=True)
+        sn = torch.tensor(0.011, requires_grad=True)
+        xx = x.clone().requires_grad_(True)
+        y = _RegionSTE.apply(xx, sp, sn, qmin, qmax)
+        (y * gout).sum().backward()
+        with torch.no_grad():
+            assert torch.equal(y, _region_two_parts(x, sp, sn, qmin, qmax))
+            pos = x > 0
+            xp, xn = x / sp, x / sn
+            rp, rn = torch.round(xp), torch.round(xn)
+            inside = torch.where(pos, rp <= qmax, rn >= qmin)
+            assert torch.equal(xx.grad, gout * inside)
+            cp, cn = torch.clamp(rp, 0, qmax), torch.clamp(rn, qmin, 0)
+            dp = torch.where(pos & inside, cp - xp, torch.where(pos, cp, torch.zeros_like(x)))
+            dn = torch.where(~pos & inside, cn - xn, torch.where(~pos, cn, torch.zeros_like(x)))
+            assert torch.equal(sp.grad, (gout * dp).sum()) and torch.equal(sn.grad, (gout * dn).sum())
+    w = torch.randn(96, 40, generator=g)
+    s = (torch.rand(1, 40, generator=g) * 0.2 + 0.02).requires_grad_(True)
+    lo, hi = torch.tensor(-8.0), torch.tensor(7.0)
+    ww = w.clone().requires_grad_(True)
+    gw = torch.randn(w.shape, generator=g)
+    y = _UniformSTE.apply(ww, s, lo, hi)
+    (y * gw).sum().backward()
+    with torch.no_grad():
+        xs = w / s
+        r = torch.round(xs)
+        c = torch.clamp(r, lo, hi)
+        inside = (r >= lo) & (r <= hi)
+        assert torch.equal(y, c * s) and torch.equal(ww.grad, gw * inside)
+        assert torch.equal(s.grad, (gw * torch.where(inside, c - xs, c)).sum(0, keepdim=True))
+
+
+def test_heap_allocations_only_where_the_cli_mapped_them(monkeypatch):
+    """Issue 24: training steps take their temporaries from the heap only where the CLI had sent
+    large allocations to their own mappings, and the CLI's setting comes back after."""
+    from mptq_onnx import calibrate
+    calls = []
+
+    class Libc:
+        def mallopt(self, k, v):
+            calls.append((k, v))
+            return 1
+
+        def malloc_trim(self, n):
+            calls.append(("trim", n))
+            return 1
+
+    monkeypatch.setattr(calibrate, "_LIBC", Libc())
+    monkeypatch.setattr(calibrate, "_mapped", False)
+    with calibrate.heap_allocations():
+        pass
+    assert calls == []  # a library caller's process is left alone
+    calibrate.map_large_allocations()
+    calls.clear()
+    with calibrate.heap_allocations():
+        inside = list(calls)
+    assert (calibrate._M_MMAP_THRESHOLD, calibrate.MMAP_THRESHOLD) not in inside
+    assert calls[-2:] == [(calibrate._M_MMAP_THRESHOLD, calibrate.MMAP_THRESHOLD), ("trim", 0)]

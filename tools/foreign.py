@@ -5,7 +5,7 @@ optimum uses) and dynamo, and a timm DeiT with plain torch.onnx.export (TorchScr
 beside our own export of it; converts each with `mptq` W4A4 on the embedded calibration images
 and records, per pass, the sites it acted on (the report's "sites") and the check's agreement.
 
-    python tools/foreign.py --json docs/runs/foreign.json --write docs/foreign.md
+    python tools/foreign.py --json docs/runs/foreign/foreign.json --write docs/foreign.md
     python tools/foreign.py --extra /path/to/optimum/vit/model.onnx --extra-size 64   # other exports too
 
 Needs the export and hf extras. Takes about 2 minutes on 2 cores.

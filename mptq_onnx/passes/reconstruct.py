@@ -58,7 +58,7 @@ class Reconstruct(Pass):
         st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
                            quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr,
-                           loss=cfg.recon_loss)
+                           loss=cfg.recon_loss, threads=cfg.threads)
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
             t_info = None

@@ -36,9 +36,10 @@ class ReconSettings:
     seed: int = 0
     eval_batch: int = 64
     progress: bool = False
-    # torch threads while training: on the shared 2-core machine (load ~36) one thread ran a deit
-    # block iteration (batch 32) in 1.2 s wall / 0.4 s CPU, two threads in 9.5 s / 3.1 s
-    threads: int | None = 1
+    # torch threads while training (None: torch's default, one per core). On an idle 2-core
+    # machine two threads ran a deit_tiny_tin block's step 1.9x faster than one (tools/recon_profile.py);
+    # on a loaded one (load ~36) one thread was faster (1.2 s against 9.5 s wall)
+    threads: int | None = None
     # I&S-ViT's first stage: train every planned weight in float, through no weight quantizer
     # even where the plan has one (activations quantized only)
     float_weights: bool = False
@@ -285,14 +286,54 @@ def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.
     """Trained weights and biases by initializer name, a report row per segment, and the
     activation quantizers whose scales trained, by (site name, input index). `teacher`: the float
     model whose block outputs are the targets (default: `model` without quantizers)."""
-    if settings.threads is None:
-        return _reconstruct(model, info, plan, images, settings, teacher, teacher_info)
     before = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     try:
         return _reconstruct(model, info, plan, images, settings, teacher, teacher_info)
     finally:
         torch.set_num_threads(before)  # torch's setting is process-wide: leave it as it was
+
+
+def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tensor], ws, settings: ReconSettings,
+                  k: int, label: str = "") -> None:
+    """`settings.iters` Adam steps on `seg`'s weights (and learned scales) towards `targets` from
+    the inputs `qx`, batches drawn from the seed and the segment's index `k`."""
+    from tqdm import tqdm
+
+    from ..calibrate import heap_allocations
+    dev, n = settings.device, len(qx[0])
+    acts = [h for h in seg.hooks.values() if isinstance(h, _ActHook)]
+    gen = torch.Generator(device=dev).manual_seed(settings.seed * 1000 + k)
+    for h in acts:
+        h.drop, h.gen = settings.drop, gen
+    groups = [{"params": list(seg.parameters()), "lr": settings.lr}]
+    if seg.learned:
+        groups.append({"params": [v for _, _, fq in seg.learned for v in fq.params], "lr": settings.scale_lr})
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters)
+    rng = np.random.default_rng([settings.seed, k])
+    bs = min(settings.batch, n)
+    bar = tqdm(range(settings.iters), desc=f"recon {label}", leave=False, disable=not settings.progress)
+    with heap_allocations():  # the steps' temporaries only: the activations kept stay mapped apart
+        _steps(seg, qx, targets, ws, opt, sched, rng, bs, dev, bar)
+    bar.close()
+    for h in acts:
+        h.drop, h.gen = 0.0, None
+
+
+def _steps(seg, qx, targets, ws, opt, sched, rng, bs, dev, bar) -> None:
+    n = len(qx[0])
+    for _ in bar:
+        idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
+        ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
+        loss = _mse(ys, [t[idx].to(dev) for t in targets],
+                    None if ws is None else [w[idx].to(dev) if w.ndim else w.to(dev) for w in ws])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4g}")
 
 
 def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None):
@@ -336,32 +377,7 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
             before = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
             start = [p.detach().clone() for p in seg.weights]
             start_scales = [fq.state() for _, _, fq in seg.learned]
-            acts = [h for h in seg.hooks.values() if isinstance(h, _ActHook)]
-            gen = torch.Generator(device=dev).manual_seed(settings.seed * 1000 + k)
-            for h in acts:
-                h.drop, h.gen = settings.drop, gen
-            groups = [{"params": list(seg.parameters()), "lr": settings.lr}]
-            if seg.learned:
-                groups.append({"params": [v for _, _, fq in seg.learned for v in fq.params],
-                               "lr": settings.scale_lr})
-            opt = torch.optim.Adam([g for g in groups if g["params"]])
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters)
-            rng = np.random.default_rng([settings.seed, k])
-            bs = min(settings.batch, n)
-            bar = tqdm(range(settings.iters), desc=f"recon {sp.name}", leave=False, disable=not settings.progress)
-            for _ in bar:
-                idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
-                ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
-                loss = _mse(ys, [t[idx].to(dev) for t in targets],
-                            None if ws is None else [w[idx].to(dev) if w.ndim else w.to(dev) for w in ws])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.set_postfix(loss=f"{loss.item():.4g}")
-            bar.close()
-            for h in acts:
-                h.drop, h.gen = 0.0, None
+            train_segment(seg, qx, targets, ws, settings, k, sp.name)
             after = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
             row.update(loss_before=before, loss_after=after)
             if not after < before:  # training made this block worse: keep its weights as they were
