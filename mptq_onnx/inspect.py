@@ -42,7 +42,9 @@ def inspect_model(path: str | os.PathLike) -> str:
             f"{max(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))}"]
     if not raw:
         from .analyze import analyze
-        info = analyze(model)
+        from .preprocess import resolve
+        pp, _ = resolve(model, path, log=lambda _: None)  # the size, where the graph leaves it open
+        info = analyze(model, pp.input_size[1:])
         rows = [[s.name, s.role, "float", "float", ", ".join(i.kind for i in s.inputs), "-"] for s in info.sites]
         return "\n".join(head + ["not quantized by mptq-onnx; quantizable sites:",
                                  table(rows, ["site", "role", "W", "A", "input kinds", "method"])])

@@ -63,6 +63,9 @@ def test_paired_comparison_counts_and_sign_test(tmp_path):
     f.write_text(json.dumps([row("float", a), row("q", b)]))
     np.testing.assert_array_equal(mod.hits(row("q", b)), b)
     assert mod.main([str(f), "--ref", "float", "--vs", "q"]) == 0
+    again = tmp_path / "again.json"  # the same config run again elsewhere: --vs-from
+    again.write_text(json.dumps([row("float", b)]))
+    assert mod.main([str(f), "--ref", "float", "--vs", "float", "--vs-from", str(again)]) == 0
 
 
 # ---------------------------------------------------------------- fidelity tool

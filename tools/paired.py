@@ -54,20 +54,23 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="+", help="JSON written by tools/benchmark.py")
     ap.add_argument("--ref", default="float", help="the config the others are compared with")
     ap.add_argument("--vs", nargs="+", required=True)
+    ap.add_argument("--vs-from", help="read the --vs configs from this file instead (the same config run "
+                                      "again, e.g. by another commit, against the results' one)")
     a = ap.parse_args(argv)
     rows = {}
     for path in a.results:
         for r in json.load(open(path)):
             rows[r["config"]] = r  # a config run twice: the later run counts
-    for c in [a.ref] + a.vs:
-        if c not in rows:
-            raise SystemExit(f"{c!r} is not in {', '.join(a.results)} (has: {', '.join(rows)})")
+    vs_rows = {r["config"]: r for r in json.load(open(a.vs_from))} if a.vs_from else rows
+    for c, have in [(a.ref, rows)] + [(c, vs_rows) for c in a.vs]:
+        if c not in have:
+            raise SystemExit(f"{c!r} is not in the files (has: {', '.join(have)})")
     ref = hits(rows[a.ref])
     for c in a.vs:
         for k in ("val", "limit"):
-            if rows[c].get(k) != rows[a.ref].get(k):
+            if vs_rows[c].get(k) != rows[a.ref].get(k):
                 raise SystemExit(f"{c} and {a.ref} were evaluated on different images ({k} differs)")
-        r = compare(ref, hits(rows[c]))
+        r = compare(ref, hits(vs_rows[c]))
         lo, hi = r["ci95"]
         print(f"{c} vs {a.ref} on {r['images']} images: top-1 {r['top1_vs']:.4f} vs {r['top1_ref']:.4f}, "
               f"difference {100 * r['diff']:+.2f} points (95% interval {100 * lo:+.2f} to {100 * hi:+.2f}); "
