@@ -110,3 +110,24 @@ def test_providers_and_threads(embedded_onnx, tmp_path, capsys):
     assert main(["eval", str(q), "--data", str(embedded_calib_dir()), "--limit", "32", "--threads", "1", "--json",
                  "--providers", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 32
+
+
+def test_preprocessing_from_a_config_beside_the_model_is_said(hf_onnx, hf_dir, tmp_path, capsys):
+    """An optimum-style export (no preprocessing in the model, preprocessor_config.json beside it):
+    convert uses the config's mean = std = 0.5 and says where they came from."""
+    from mptq_onnx.modelio import PREPROCESS_KEY
+    d = tmp_path / "optimum"
+    d.mkdir()
+    m = onnx.load(hf_onnx("vit"))
+    keep = [p for p in m.metadata_props if p.key != PREPROCESS_KEY]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    onnx.save(m, d / "model.onnx")
+    shutil.copy(hf_dir("vit") / "preprocessor_config.json", d)
+    assert main(["convert", str(d / "model.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
+                 str(embedded_calib_dir()), "--calib-size", "16", "--recipe", "uniform", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "preprocessing from" in err and "preprocessor_config.json: mean (0.5, 0.5, 0.5)" in err
+    rep = json.loads((tmp_path / "q.report.json").read_text())
+    assert rep["preprocess"]["mean"] == [0.5, 0.5, 0.5] and rep["preprocess"]["source"].endswith(
+        "preprocessor_config.json")

@@ -55,7 +55,9 @@ def test_preprocessor_config_beside_the_model_is_read(tmp_path, capsys):
          "resample": 2}))
     rep, q = _convert(m, tmp_path)
     assert rep["source"].endswith("preprocessor_config.json") and rep["mean"] == [0.5, 0.5, 0.5]
-    assert "note:" not in capsys.readouterr().err
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]  # said, not guessed
+    assert len(notes) == 1 and "preprocessing from" in notes[0] and "mean (0.5, 0.5, 0.5)" in notes[0]
+    assert "assuming" not in notes[0]
     # the quantized model carries what calibration used, so `eval` reads it back
     assert json.loads(get_metadata(q, PREPROCESS_KEY))["mean"] == [0.5, 0.5, 0.5]
 
