@@ -288,7 +288,6 @@ def _probe_shapes(model: onnx.ModelProto, gi: GraphIndex, input_hw, cache: dict 
         s = cache.get(t)
         if s is not None:
             gi.shapes[t] = [None] + s[1:]  # the batch axis stays unknown
-            gi.probed.add(t)
 
 
 def analyze(model: onnx.ModelProto, input_hw=None, shape_cache: dict | None = None) -> GraphInfo:

@@ -80,11 +80,10 @@ def evaluate(model: PathLike, data: PathLike, *, limit: int | None = None, batch
     `std`, `size`, `crop_pct`, `interpolation`, resolved as `quantize` resolves them."""
     from .evaluator import evaluate as _evaluate
     from .preprocess import PreprocessOverrides
-    from .runtime import parse_providers
-    if threads is not None and threads < 1:
-        raise MptqError(f"threads must be a positive integer, got {threads}")
+    from .runtime import check_threads, parse_providers
     return _evaluate(model, data, batch_size=batch_size, limit=limit, progress=progress,
-                     overrides=PreprocessOverrides(**preprocess), threads=threads, providers=parse_providers(providers))
+                     overrides=PreprocessOverrides(**preprocess), threads=check_threads(threads, "threads"),
+                     providers=parse_providers(providers))
 
 
 def deploy(model: PathLike, output: PathLike | None = None, *, force: bool = False, **options):

@@ -184,11 +184,9 @@ def cmd_convert(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluator import evaluate
-    from .runtime import parse_providers
-    if a.threads is not None and a.threads < 1:
-        raise MptqError(f"--threads must be a positive integer, got {a.threads}")
+    from .runtime import check_threads, parse_providers
     res = evaluate(a.model, a.data, batch_size=a.batch_size, limit=a.limit, progress=not a.quiet and not a.json,
-                   overrides=_overrides(a), threads=a.threads, providers=parse_providers(a.providers))  # the model is read once, its preprocessing resolved as convert does
+                   overrides=_overrides(a), threads=check_threads(a.threads), providers=parse_providers(a.providers))  # the model is read once, its preprocessing resolved as convert does
     if a.json:
         print(json.dumps(res.to_dict(), sort_keys=True))
     else:

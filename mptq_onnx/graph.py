@@ -62,7 +62,6 @@ class GraphIndex:
         self.graph_inputs = [i.name for i in g.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in g.output]
         self.shapes: dict[str, list] = {}
-        self.probed: set[str] = set()  # tensors whose shape came from a run (analyze._probe_shapes)
         self.types: dict[str, int] = {}  # onnx elem_type, where known
         sg = g if shapes_from is None else shapes_from
         for vi in list(sg.value_info) + list(sg.input) + list(sg.output):

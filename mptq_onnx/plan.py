@@ -133,10 +133,9 @@ class QuantConfig:
         return self.abits if held is None else held
 
     def validate(self) -> None:
-        from .runtime import parse_providers
+        from .runtime import check_threads, parse_providers
         self.providers = parse_providers(self.providers)  # full names, CPU last; unknown ones refused
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise MptqError(f"--threads must be a positive integer, got {self.threads}")
+        check_threads(self.threads)
         lo, hi = BITS_RANGE
         for name in ("wbits", "abits"):
             b = getattr(self, name)
@@ -257,9 +256,14 @@ class Context:
     @property
     def info(self) -> GraphInfo:
         if self._info is None:
-            hw = self.preprocess.input_size[1:] if self.preprocess is not None else None
-            self._info = analyze(self.model, hw, self.shape_cache)
+            self._info = self.analyze(self.model)
         return self._info
+
+    def analyze(self, model: onnx.ModelProto) -> GraphInfo:
+        """`model` (this one, or its float copy) analysed with this conversion's input size and
+        probed shapes."""
+        hw = self.preprocess.input_size[1:] if self.preprocess is not None else None
+        return analyze(model, hw, self.shape_cache)
 
     def invalidate(self) -> None:
         """Call after a pass changed the graph structure (not after initializer-only edits)."""

@@ -2,8 +2,9 @@
 export` writes it), a Hugging Face `preprocessor_config.json` beside the ONNX file (what
 `save_pretrained` and optimum write), the user's flags (`--mean`, `--std`, `--size`,
 `--crop-pct`, `--interpolation`, on top of either), else a default matched to the input shape.
-Anything but the model's own metadata is said in one line: where it came from, and what it is. Calibrating on wrongly normalised images is silent accuracy loss (Hugging Face
-ViTs use mean = std = 0.5, not ImageNet's), so a guess is never silent.
+Anything but the model's own metadata is said in one line: where it came from, and what it is.
+Calibrating on wrongly normalised images is silent accuracy loss (Hugging Face ViTs use mean =
+std = 0.5, not ImageNet's), so a guess is never silent.
 """
 from __future__ import annotations
 
@@ -176,16 +177,16 @@ def resolve(model: onnx.ModelProto, model_path: str | Path | None = None,
     if ov.given():
         src = ("flags " + ", ".join("--" + g.replace("_", "-") for g in ov.given())
                + ("" if src == "default" else f" over {src}"))
+    say = log or (lambda m: print(m, file=sys.stderr))
     if src not in ("default", "the model's metadata"):  # read from beside the model, or typed: said
-        (log or (lambda m: print(m, file=sys.stderr)))(
-            f"mptq-onnx: note: preprocessing from {src}: mean {_fmt(pp.mean)}, std {_fmt(pp.std)}, "
+        say(f"mptq-onnx: note: preprocessing from {src}: mean {_fmt(pp.mean)}, std {_fmt(pp.std)}, "
             f"{pp.input_size[1]}x{pp.input_size[2]} ({pp.interpolation}, crop {pp.crop_pct:g}){size_note}")
     elif src == "default":
         msg = (f"mptq-onnx: note: no preprocessing in the model or a {HF_CONFIG} beside it; assuming mean "
                f"{_fmt(pp.mean)}, std {_fmt(pp.std)}, {pp.input_size[1]}x{pp.input_size[2]} ({pp.interpolation}, "
                f"crop {pp.crop_pct:g}){size_note}: if the model was trained otherwise, say so with --mean/--std/"
                f"--size/--crop-pct/--interpolation")
-        (log or (lambda m: print(m, file=sys.stderr)))(msg)
+        say(msg)
         src = "default (assumed)"
     return pp, src
 

@@ -19,6 +19,13 @@ _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvid
                      "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider"}
 
 
+def check_threads(threads, name: str = "--threads"):
+    """`threads` (None: the library's default), or an error naming `name` unless a positive int."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise MptqError(f"{name} must be a positive integer, got {threads}")
+    return threads
+
+
 def parse_providers(names) -> tuple[str, ...]:
     """onnxruntime execution providers from full or short names (cpu, cuda, tensorrt, dml, ...),
     in order of preference; the CPU provider is always added last (onnxruntime runs there what

@@ -61,11 +61,7 @@ class Reconstruct(Pass):
                            loss=cfg.recon_loss, threads=cfg.threads)
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
-            t_info = None
-            if ctx.teacher is not None:  # analysed as the model is: same size hint and probed shapes
-                from ..analyze import analyze
-                hw = ctx.preprocess.input_size[1:] if ctx.preprocess is not None else None
-                t_info = analyze(ctx.teacher, hw, ctx.shape_cache)
+            t_info = ctx.analyze(ctx.teacher) if ctx.teacher is not None else None  # as the model is
             new, rows, acts = reconstruct(ctx.model, ctx.info, ctx.plan, images, st, ctx.teacher, t_info)
         except NotImplementedError as e:
             raise MptqError(f"{self.name}: {e}") from None

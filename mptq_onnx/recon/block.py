@@ -316,24 +316,19 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
     bs = min(settings.batch, n)
     bar = tqdm(range(settings.iters), desc=f"recon {label}", leave=False, disable=not settings.progress)
     with heap_allocations():  # the steps' temporaries only: the activations kept stay mapped apart
-        _steps(seg, qx, targets, ws, opt, sched, rng, bs, dev, bar)
+        for _ in bar:
+            idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
+            ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
+            loss = _mse(ys, [t[idx].to(dev) for t in targets],
+                        None if ws is None else [w[idx].to(dev) if w.ndim else w.to(dev) for w in ws])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.4g}")
     bar.close()
     for h in acts:
         h.drop, h.gen = 0.0, None
-
-
-def _steps(seg, qx, targets, ws, opt, sched, rng, bs, dev, bar) -> None:
-    n = len(qx[0])
-    for _ in bar:
-        idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
-        ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
-        loss = _mse(ys, [t[idx].to(dev) for t in targets],
-                    None if ws is None else [w[idx].to(dev) if w.ndim else w.to(dev) for w in ws])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4g}")
 
 
 def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None):
