@@ -262,6 +262,7 @@ def _add_preprocess_args(p):
 
 
 def _add_quant_args(p):
+    from .plan import RECON_LOSSES
     p.add_argument("--recipe", default="uniform",
                    help="uniform | mptq | mptq-paper | sqb | optm | ias | pmq (default: uniform); see the README's recipe "
                         "table (ias: I&S-ViT, trains in torch; pmq: PMQ's allocation over uniform quantizers, "
@@ -320,10 +321,12 @@ def _add_quant_args(p):
     p.add_argument("--recon-scale-lr", type=float, default=3e-3,
                    help="--reconstruct and --recipe ias: learning rate of the activation quantizers' scales "
                         "(uniform and region, trained with the weights, LSQ); 0 keeps them as calibrated (default 3e-3)")
-    p.add_argument("--recon-loss", choices=("mse", "fisher"), default="mse",
-                   help="--reconstruct and --recipe ias: a block's output error, plain (mse, as I&S-ViT) or each "
-                        "element weighted by the float model's squared gradient there (fisher, BRECQ's diagonal "
-                        "Fisher: better on class-token DeiT in our measurements, worse on Swin; default mse)")
+    p.add_argument("--recon-loss", choices=("default",) + RECON_LOSSES, default="default",
+                   help="--reconstruct and --recipe ias: how a block's output error is weighted: mse (alike, as "
+                        "I&S-ViT), or by the gradient of the float model's loss there: fisher (squared, per image, "
+                        "BRECQ), fisher_mean (squared, averaged over the images), fisher_abs (magnitude, averaged), "
+                        "fisher_kl (of the KL to float with the block quantized, as FIMA-Q). default: fisher_abs "
+                        "after a recipe (lowest held-out KL on deit and swin), mse in --recipe ias")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "
                         f"{RECON_IMAGES_DEFAULT}, or all it holds; the searches keep --calib-size)")

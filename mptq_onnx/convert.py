@@ -48,8 +48,8 @@ def recipe_passes(cfg: QuantConfig) -> list[Pass]:
         require_torch("--recipe ias", cfg.device)
         if cfg.mixed():
             raise MptqError("mixed precision (--target-bits, --max-drop) is not available with --recipe ias")
-        body = [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False),
-                IasFold(), IasWeights(), Reconstruct("ias-stage3")][:{1: 3, 2: 4, 3: 6}[cfg.ias_stages]]
+        body = [IasActQuant(), KeepFloat(), Reconstruct("ias-stage1", float_weights=True, quant_inputs=False, loss="mse"),
+                IasFold(), IasWeights(), Reconstruct("ias-stage3", loss="mse")][:{1: 3, 2: 4, 3: 6}[cfg.ias_stages]]
     else:
         raise MptqError(f"unknown recipe {cfg.recipe!r}; choose from: {', '.join(RECIPES)}")
     allocator = ParetoMP() if cfg.recipe == "pmq" or cfg.allocator == "pareto" else GreedyMP()

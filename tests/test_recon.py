@@ -280,6 +280,7 @@ def test_greedy_mp_then_reconstruction(embedded_onnx, tmp_path):
     mp = rep["greedy_mp"]
     assert mp["avg_w_bits"] <= 6 + 1e-6 and mp["avg_a_bits"] <= 6 + 1e-6
     assert any("recon" in r["method"] for r in rep["layers"])
+    assert rep["reconstruct_loss"] == {"reconstruct": "fisher_abs"}  # the default after a recipe
 
 
 def test_cli_convert_ias_recipe(embedded_onnx, tmp_path):
@@ -366,11 +367,23 @@ def test_fisher_weights_follow_the_gradient_and_train(planned):
     float_model, info, plan, _, imgs = planned
     segs = build_segments(float_model, info, {n: dataclasses.replace(p, weight=None, acts=[]) for n, p in plan.items()})
     x = torch.from_numpy(np.ascontiguousarray(imgs, np.float32))
-    fw = fisher_weights([sp for sp, _ in segs], [s for _, s in segs], x, float_model.graph.output[0].name, 8, "cpu")
+    args = [sp for sp, _ in segs], [s for _, s in segs], x, float_model.graph.output[0].name, 8, "cpu"
+    fw = fisher_weights(*args)
     names = [sp.outputs[0] for sp, _ in segs[:-1]]
     assert all(t in fw for t in names)
     w = {t: fw.get(t) for t in names}  # read back from the temporary file
     fw.close()
+    averaged = {}
+    for mode in ("fisher_mean", "fisher_abs"):  # the same gradients, summed over the batches as they come
+        fa = fisher_weights(*args, mode=mode)
+        averaged[mode] = {t: fa.get(t) for t in names}
+        fa.close()
+    for t in names:
+        m, a = averaged["fisher_mean"][t], averaged["fisher_abs"][t]
+        assert m.shape == a.shape == (1,) + w[t].shape[1:]
+        torch.testing.assert_close(m, w[t].mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
+        r = w[t].sqrt().mean(0, keepdim=True)  # |g| up to one factor per tensor
+        torch.testing.assert_close(a, r / r.mean(), rtol=1e-4, atol=1e-6)
     assert all(p.requires_grad for _, s in segs for p in s.parameters())  # left trainable as they were
     last = next(sp for sp, _ in segs if sp.name == "blocks.11").outputs[0]
     first = next(sp for sp, _ in segs if sp.name == "blocks.0").outputs[0]
@@ -384,6 +397,38 @@ def test_fisher_weights_follow_the_gradient_and_train(planned):
     b0 = next(r for r in rows if r["segment"] == "blocks.0")
     assert b0["loss_after"] < b0["loss_before"]
     assert "blocks.0.attn.qkv.bias" in new
+    # one weight row shared by every image: broadcast over the training batches
+    new, rows, _ = reconstruct(float_model, info, plan, imgs, dataclasses.replace(st, loss="fisher_abs"))
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_after"] < b0["loss_before"]
+
+
+def test_tail_kl_weights_see_only_what_reaches_the_logits(planned):
+    """FIMA-Q's source: the KL gradient through the float tail. After the last block only the class
+    token reaches the head (its patch tokens weigh 0); weights average 1; a short run trains."""
+    from mptq_onnx.recon import build_segments, reconstruct, ReconSettings
+    from mptq_onnx.recon.block import _batched, tail_kl_weights
+    float_model, info, plan, _, imgs = planned
+    segs = build_segments(float_model, info, plan)
+    out = float_model.graph.output[0].name
+    x = torch.from_numpy(np.ascontiguousarray(imgs, np.float32))
+    env, acts = {segs[0][0].inputs[0]: x}, []
+    for sp, s in segs:
+        acts.append([env[t] for t in sp.inputs])
+        env = dict(zip(sp.outputs, _batched(s, acts[-1], False, 8, "cpu")))
+    ref = env[out]
+    k = next(i for i, (sp, _) in enumerate(segs) if sp.name == "blocks.11")
+    w = tail_kl_weights(segs[k][1], acts[k], segs[k][0].outputs, segs[k + 1:], ref, out, 8, "cpu")[0]
+    assert w.shape == (1,) + tuple(acts[k + 1][0].shape[1:])
+    assert float(w[:, 1:].abs().max()) == 0.0 and float(w[:, 0].min()) > 0
+    assert abs(float(w.mean()) - 1.0) < 1e-4
+    j = next(i for i, (sp, _) in enumerate(segs) if sp.name == "blocks.0")
+    w0 = tail_kl_weights(segs[j][1], acts[j], segs[j][0].outputs, segs[j + 1:], ref, out, 8, "cpu")[0]
+    assert float(w0[:, 1:].mean()) > 0  # earlier, attention spreads it over every token
+    st = ReconSettings(iters=8, batch=8, lr=1e-4, loss="fisher_kl")
+    new, rows, _ = reconstruct(float_model, info, plan, imgs, st)
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_after"] < b0["loss_before"] and "blocks.0.attn.qkv.bias" in new
 
 
 def _shape_math_graph():

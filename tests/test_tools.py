@@ -68,6 +68,22 @@ def test_paired_comparison_counts_and_sign_test(tmp_path):
     assert mod.main([str(f), "--ref", "float", "--vs", "float", "--vs-from", str(again)]) == 0
 
 
+def test_sweep_table_applies_the_rule_to_the_last_rows(tmp_path):
+    spec = importlib.util.spec_from_file_location("sweep_under_test", REPO / "tools" / "recon_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = lambda c, s, v, kl: json.dumps({"card": c, "spec": s, "variant": v, "kl": kl})  # noqa: E731
+    f = tmp_path / "a.jsonl"
+    f.write_text("\n".join([row("m", "s3", "mse", 0.9), row("m", "s3", "mse", 0.2),  # the later row counts
+                            row("m", "s3", "new", 0.1), row("m", "s4", "mse", 0.1), row("m", "s4", "new", 0.2),
+                            row("m", "other", "new", 9.0)]))
+    out = mod.table([str(f)], ["s3", "s4"], ["mse", "new"])
+    assert "| m | `s3` | 0.2000 | 0.1000 (x0.500) |" in out and "other" not in out
+    assert "in 1 of 2, geometric mean of ratios 1.0000" in out  # sqrt(0.5 * 2)
+    with pytest.raises(SystemExit):
+        mod.table([str(f)], ["s3"], ["mse", "absent"])
+
+
 # ---------------------------------------------------------------- fidelity tool
 
 def test_fidelity_holdout_leaves_out_every_calibration_image():

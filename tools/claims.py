@@ -23,6 +23,8 @@ from tools.report import RECON, RUNS, load  # noqa: E402
 _P5, _G5 = "mptq-mp:5:allocator=pareto", "mptq-mp:5:allocator=greedy"
 _P4, _G4 = "mptq-mp:4:allocator=pareto", "mptq-mp:4:allocator=greedy"
 _FISHER = f"mptq:{{b}}:recon:{RECON}:recon_loss=fisher"
+_FABS = f"mptq:{{b}}:recon:{RECON}:recon_loss=fisher_abs"
+_MSE = f"mptq:{{b}}:recon:{RECON}"
 _STAGE1 = f"ias:{{b}}:{RECON}:ias_stages=1"
 
 
@@ -43,6 +45,17 @@ def pval(rows, card, a, b) -> str:
     return f"{_diff(rows, card, a, b)['p']:.2g}"
 
 
+def rerun(card: str, file: str, config: str) -> dict:
+    """A config's row from a run file of docs/runs/recon (reruns with later code, kept apart)."""
+    import json
+    return next(r for r in json.loads((RUNS / "recon" / f"{card}_{file}.json").read_text()) if r["config"] == config)
+
+
+def vs_rerun(rows, card, a, file, b) -> dict:
+    """Paired comparison of config a (run files) over config b rerun in docs/runs/recon/CARD_FILE.json."""
+    return compare(hits(rerun(card, file, b)), hits(rows[card][a]))
+
+
 def pct(rows, card, a) -> str:
     """Top-1 of a config as % of float."""
     return f"{100 * rows[card][a]['top1'] / rows[card]['float']['top1']:.1f}%"
@@ -59,10 +72,14 @@ CLAIMS = [
     ("README.md", "within noise on swin ({} points) but cost deit {};",
      lambda r: [pts(r, "swin_tiny_tin", "mptq:4:patchwise=1", "mptq:4").replace("-", "−"),
                 pts(r, "deit_tiny_tin", "mptq:4:patchwise=1", "mptq:4").lstrip("-")]),
-    ("README.md", "add `--recon-loss fisher`: deit W4A4 {}, W3A3 {}",
-     lambda r: [pct(r, "deit_tiny_tin", _FISHER.format(b=4)), pct(r, "deit_tiny_tin", _FISHER.format(b=3))]),
-    ("README.md", "{} with `recon_float_first` too",
-     lambda r: [pct(r, "deit_tiny_tin", _FISHER.format(b=3) + ":recon_float_first=1")]),
+    ("README.md", "deit W3A3 {}, W4A4 {}, swin W3A3 {}, W4A4 {} of float",
+     lambda r: [pct(r, c, _FABS.format(b=b)) for c in ("deit_tiny_tin", "swin_tiny_tin") for b in (3, 4)]),
+    ("README.md", "deit W3A3 {} points (p = {}), the others within noise (swin W3A3 {}, p = {})",
+     lambda r: [f"{100 * vs_rerun(r, 'deit_tiny_tin', _FABS.format(b=3), 'loss', _MSE.format(b=3))['diff']:+.2f}",
+                f"{vs_rerun(r, 'deit_tiny_tin', _FABS.format(b=3), 'loss', _MSE.format(b=3))['p']:.2g}",
+                f"{100 * vs_rerun(r, 'swin_tiny_tin', _FABS.format(b=3), 'loss', _MSE.format(b=3))['diff']:+.2f}"
+                .replace("-", "−"),
+                f"{vs_rerun(r, 'swin_tiny_tin', _FABS.format(b=3), 'loss', _MSE.format(b=3))['p']:.2g}"]),
     ("docs/results.md", "{} and {} points over the row above on deit, {} on swin W3A3; on swin W4A4 only {} (p = {})",
      lambda r: [pts(r, "deit_tiny_tin", _STAGE1.format(b=4), "uniform:4:softmax_quantizer=sulq"),
                 pts(r, "deit_tiny_tin", _STAGE1.format(b=3), "uniform:3:softmax_quantizer=sulq"),

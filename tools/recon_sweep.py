@@ -10,6 +10,13 @@ unless :calib_size=N; reconstruction on :recon_images=N if given) and evaluates 
 images outside those sets (as
 tools/fidelity.py --holdout): for choosing settings, not for reporting. Prints KL to float, top-1
 agreement, top-1 and the reconstruction's seconds per variant; --out appends JSON lines.
+
+    python tools/recon_sweep.py --table docs/runs/recon/sweep_*.jsonl --spec mptq:3:recon_images=512 \
+        mptq:4:recon_images=512 --variants recon_loss=mse recon_loss=fisher_abs
+
+prints a markdown table of those rows (the last row of each card, spec and variant) with each
+variant's KL as a ratio to the first variant's, and per variant how many KLs it lowered and the
+geometric mean of its ratios (the rule of docs/journal.md, session 16).
 """
 from __future__ import annotations
 
@@ -50,16 +57,55 @@ def parse_variant(v: str, cfg) -> dict:
     return out
 
 
+def table(files: list[str], specs: list[str], variants: list[str]) -> str:
+    rows = {}
+    for f in files:
+        for line in open(f):
+            r = json.loads(line)
+            rows[r["card"], r["spec"], r["variant"]] = r
+    keys = sorted({(c, s) for c, s, _ in rows if s in specs}, key=lambda k: (k[0], specs.index(k[1])))
+    out = ["| model | spec | " + " | ".join(f"KL, `{v}`" for v in variants) + " |",
+           "|---|---|" + "---|" * len(variants)]
+    ratios: dict[str, list[float]] = {v: [] for v in variants[1:]}
+    for card, spec in keys:
+        ref = rows.get((card, spec, variants[0]))
+        if ref is None:
+            raise SystemExit(f"{card} {spec}: no row for the reference {variants[0]}")
+        cells = [f"{ref['kl']:.4f}"]
+        for v in variants[1:]:
+            r = rows.get((card, spec, v))
+            if r is None:
+                raise SystemExit(f"{card} {spec}: no row for {v}")
+            ratios[v].append(r["kl"] / ref["kl"])
+            cells.append(f"{r['kl']:.4f} (x{ratios[v][-1]:.3f})")
+        out.append(f"| {card} | `{spec}` | " + " | ".join(cells) + " |")
+    out.append("")
+    for v, rs in ratios.items():
+        gm = float(np.exp(np.mean(np.log(rs))))
+        out.append(f"- `{v}`: lower KL than `{variants[0]}` in {sum(r < 1 for r in rs)} of {len(rs)}, "
+                   f"geometric mean of ratios {gm:.4f}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--card", required=True)
-    ap.add_argument("--spec", required=True, help="RECIPE:BITS[:FIELD=VALUE...] (tools/specs.py); "
-                    "reconstruction is switched on")
+    ap.add_argument("--card")
+    ap.add_argument("--spec", nargs="+", help="RECIPE:BITS[:FIELD=VALUE...] (tools/specs.py); "
+                    "reconstruction is switched on (one spec, several with --table)")
     ap.add_argument("--variants", nargs="+", required=True)
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--work", default=str(REPO / "runs"))
     ap.add_argument("--out", default=None, help="append one JSON line per variant")
+    ap.add_argument("--table", nargs="+", metavar="JSONL", help="print a table of these sweep files instead")
     a = ap.parse_args(argv)
+    if not a.spec:
+        ap.error("--spec is required")
+    if a.table:
+        print(table(a.table, a.spec, a.variants))
+        return 0
+    if not a.card or len(a.spec) != 1:
+        ap.error("a sweep takes --card and one --spec")
+    a.spec = a.spec[0]
     cfg, rest = quant_config(a.spec)
     if rest:
         raise SystemExit(f"{a.spec}: unknown modifiers {rest}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import MptqError
 from ..modelio import Spill
-from ..plan import Context
+from ..plan import RECON_LOSS_DEFAULT, Context
 from .base import Pass, PassResult
 
 TORCH_HINT = "--reconstruct needs torch: pip install 'mptq-onnx[export]' (or pip install torch)"
@@ -43,13 +43,16 @@ class KeepFloat(Pass):
 
 class Reconstruct(Pass):
     """Train weights and biases block by block. `float_weights`/`quant_inputs`: see ReconSettings
-    (I&S-ViT's first stage sets float_weights=True, quant_inputs=False)."""
+    (I&S-ViT's first stage sets float_weights=True, quant_inputs=False). `loss` is the block loss
+    where the config leaves it at "default" (the ias recipe keeps I&S-ViT's mse)."""
     name = "reconstruct"
 
-    def __init__(self, name: str = "reconstruct", float_weights: bool = False, quant_inputs: bool = True):
+    def __init__(self, name: str = "reconstruct", float_weights: bool = False, quant_inputs: bool = True,
+                 loss: str = RECON_LOSS_DEFAULT):
         self.name = name
         self.float_weights = float_weights
         self.quant_inputs = quant_inputs
+        self.loss = loss
 
     def __call__(self, ctx: Context) -> PassResult:
         cfg = ctx.config
@@ -58,7 +61,8 @@ class Reconstruct(Pass):
         st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
                            quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr,
-                           loss=cfg.recon_loss, threads=cfg.threads)
+                           loss=self.loss if cfg.recon_loss == "default" else cfg.recon_loss,
+                           threads=cfg.threads)
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
             t_info = ctx.analyze(ctx.teacher) if ctx.teacher is not None else None  # as the model is

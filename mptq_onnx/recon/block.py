@@ -6,8 +6,8 @@ lies where the fewest activations are alive, which is the residual stream betwee
 each segment in order, its weights and biases are trained (Adam, cosine lr, quantizers frozen,
 straight-through rounding) so that the fake-quantized segment, fed the quantized model's
 activations (earlier segments already reconstructed), matches the float segment fed the float
-model's activations (MSE, or with `loss="fisher"` each element weighted by the float model's
-sensitivity to it: `fisher_weights`). The float model is `teacher` where passes before changed the weights
+model's activations (MSE, or each element weighted by the model's sensitivity to it:
+`ReconSettings.loss`, `fisher_weights`, `tail_kl_weights`). The float model is `teacher` where passes before changed the weights
 (GPTQ rounding, I&S-ViT's first stage), else the graph itself with its quantizers off.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from ..analyze import GraphInfo
 from ..modelio import Spill
+from ..plan import RECON_LOSSES
 from .fakequant import LEARNABLE, LearnedScale, fake_quantizer
 from .interp import Segment
 
@@ -50,7 +51,11 @@ class ReconSettings:
     scale_lr: float = 0.0
     # "mse": every element of a block's output counts alike; "fisher": each weighted by the squared
     # gradient of the float model's cross-entropy (on its own top-1) at that element, per image
-    # (BRECQ's diagonal Fisher), scaled to mean 1 per tensor
+    # (BRECQ's diagonal Fisher); "fisher_mean": that square averaged over the images (one weight
+    # per token and channel); "fisher_abs": the gradient's magnitude averaged over the images (a
+    # diagonal weighting after FIMA-Q); "fisher_kl": the magnitude of the gradient of KL(float || model)
+    # with the block quantized and the rest float (FIMA-Q's source), averaged likewise. Each scaled
+    # to mean 1 per tensor
     loss: str = "mse"
 
 
@@ -212,40 +217,56 @@ def _loss(seg, xs, ts, bs, device, ws=None) -> float:
 
 
 class FisherWeights:
-    """Squared gradients per segment-boundary tensor, kept in a temporary file until asked for:
-    every block output of the training images at once would be 4 GB on vit_base (512 images)."""
+    """Gradient-based weights per segment-boundary tensor. Per image ("fisher") they are kept in a
+    temporary file until asked for: every block output of the training images at once would be
+    4 GB on vit_base (512 images). The averaged modes keep one running sum per tensor."""
 
-    def __init__(self):
-        self._file = tempfile.TemporaryFile(prefix="mptq_fisher_")
-        self._spill = Spill(self._file)
+    def __init__(self, mode: str = "fisher"):
+        if mode not in ("fisher", "fisher_mean", "fisher_abs"):
+            raise ValueError(f"unknown Fisher weighting {mode!r}")
+        self.mode = mode
+        self._file = tempfile.TemporaryFile(prefix="mptq_fisher_") if mode == "fisher" else None
+        self._spill = Spill(self._file) if self._file else None
         self._parts: dict[str, int] = {}
+        self._sums: dict[str, np.ndarray] = {}
         self._none: set[str] = set()
 
-    def add(self, name: str, g2: torch.Tensor | None) -> None:
-        if g2 is None:  # the output does not depend on it (in this batch): weight 1, as unknown
+    def add(self, name: str, g: torch.Tensor | None) -> None:
+        if g is None:  # the output does not depend on it (in this batch): weight 1, as unknown
             self._none.add(name)
             return
-        a = g2.detach().cpu().numpy()
+        a = g.detach().abs().cpu().numpy()
         k = self._parts.get(name, 0)
-        self._spill.put(f"{name}\0{k}", a)
-        self._parts[name] = k + 1
+        self._parts[name] = k + len(a) if self._spill is None else k + 1
+        if self._spill is not None:
+            self._spill.put(f"{name}\0{k}", a)
+            return
+        a = (a.astype(np.float64) ** (2 if self.mode == "fisher_mean" else 1)).sum(0, keepdims=True)
+        self._sums[name] = a if name not in self._sums else self._sums[name] + a
 
     def __contains__(self, name: str) -> bool:
         return name in self._parts and name not in self._none
 
     def get(self, name: str) -> torch.Tensor:
-        """The weights of `name` for every image, scaled to mean 1."""
-        w = torch.from_numpy(np.concatenate([self._spill.array(f"{name}\0{k}") for k in range(self._parts[name])]))
+        """The weights of `name`, scaled to mean 1: per image ("fisher"), or one batch row shared
+        by every image (the averaged modes)."""
+        if self._spill is None:
+            w = torch.from_numpy((self._sums[name] / self._parts[name]).astype(np.float32))
+        else:
+            g = torch.from_numpy(np.concatenate([self._spill.array(f"{name}\0{k}") for k in range(self._parts[name])]))
+            w = g * g
         return w / w.mean().clamp_min(1e-30)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out_name: str,
-                   bs: int, device: str) -> FisherWeights:
-    """Per segment-boundary tensor, the squared gradient of the float model's cross-entropy against
-    its own top-1 class, per image and element (`FisherWeights.get` scales each tensor to mean 1; a
+                   bs: int, device: str, mode: str = "fisher") -> FisherWeights:
+    """Per segment-boundary tensor, the gradient of the float model's cross-entropy against its own
+    top-1 class, per image and element (`FisherWeights.get` makes weights of it as `mode` says and
+    scales each tensor to mean 1; a
     tensor without gradient, e.g. an unused output, is left out and weighs 1). Where the output
     does not depend on an element (patch tokens after the last block of a class-token ViT), its
     weight is 0."""
@@ -254,7 +275,7 @@ def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out
     trained = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)  # gradients of the activations only
-    out = FisherWeights()
+    out = FisherWeights(mode)
     try:
         for i in range(0, len(x0), bs):
             env = {specs[0].inputs[0]: x0[i:i + bs].to(device).requires_grad_(True)}  # the graph to differentiate
@@ -273,11 +294,47 @@ def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out
             grads = dict(zip(ts_, torch.autograd.grad(loss, [keep[t] for t in ts_], allow_unused=True)))
             for t in names:
                 g = grads.get(t)
-                out.add(t, None if g is None else g.detach() ** 2)
+                out.add(t, g)
     finally:
         for p, r in zip(params, trained):
             p.requires_grad_(r)
     return out
+
+
+def tail_kl_weights(seg: Segment, qx: list[torch.Tensor], outputs: list[str], tail: list, ref: torch.Tensor,
+                    out_name: str, bs: int, device: str) -> list[torch.Tensor]:
+    """FIMA-Q's source of the Fisher: the gradient of KL(float model || this model) at the block's
+    outputs, where the block is quantized (fed `qx`, the quantized model's activations) and the
+    `tail` after it runs in float; its magnitude averaged over the images, one weight per token
+    and channel, scaled to mean 1 per tensor (the logits and outputs without gradient weigh 1)."""
+    sums: dict[str, torch.Tensor] = {}
+    params = [p for _, ts in tail for p in ts.parameters()]
+    trained = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for i in range(0, len(qx[0]), bs):
+            with torch.no_grad():
+                ys = seg(*[x[i:i + bs].to(device) for x in qx], quant=True)
+            env = {t: y.requires_grad_(True) for t, y in zip(outputs, ys) if y.is_floating_point()}
+            leaves = dict(env)
+            for sp, ts in tail:
+                env = dict(zip(sp.outputs, ts(*[env[t] for t in sp.inputs], quant=False)))
+            z = env[out_name].reshape(len(ys[0]), -1)
+            p_ref = torch.softmax(ref[i:i + bs].to(device).reshape(len(z), -1), 1)
+            loss = torch.nn.functional.kl_div(torch.log_softmax(z, 1), p_ref, reduction="sum")
+            names = [t for t in leaves if t != out_name]
+            if not names:
+                break
+            grads = torch.autograd.grad(loss, [leaves[t] for t in names], allow_unused=True)
+            for t, g in zip(names, grads):
+                if g is not None:
+                    a = g.detach().abs().sum(0, keepdim=True).cpu()
+                    sums[t] = a if t not in sums else sums[t] + a
+    finally:
+        for p, r in zip(params, trained):
+            p.requires_grad_(r)
+    return [sums[t] / sums[t].mean().clamp_min(1e-30) if t in sums else torch.ones(()) for t in outputs]
 
 
 def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.ndarray,
@@ -320,7 +377,7 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
             idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
             ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
             loss = _mse(ys, [t[idx].to(dev) for t in targets],
-                        None if ws is None else [w[idx].to(dev) if w.ndim else w.to(dev) for w in ws])
+                        None if ws is None else [w[idx].to(dev) if w.ndim and len(w) == n > 1 else w.to(dev) for w in ws])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -347,8 +404,14 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
     x0 = torch.from_numpy(np.ascontiguousarray(images[:len(images)], np.float32))  # streamed images: one read
     out_name = model.graph.output[0].name
     fisher = None
-    if settings.loss == "fisher":
-        fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev)
+    ref = None
+    if settings.loss == "fisher_kl":  # the float logits, for each block's tail gradient
+        env = {segs[0][0].inputs[0]: x0}
+        for sp, ts in zip([sp for sp, _ in segs], t_segs):
+            env = dict(zip(sp.outputs, _batched(ts, [env[t] for t in sp.inputs], False, settings.eval_batch, dev)))
+        ref = env[out_name]
+    elif settings.loss in RECON_LOSSES and settings.loss != "mse":
+        fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev, settings.loss)
     elif settings.loss != "mse":
         raise ValueError(f"unknown reconstruction loss {settings.loss!r}")
     f_env = {segs[0][0].inputs[0]: x0}
@@ -367,6 +430,9 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
         targets = _batched(t_seg, fx, False, settings.eval_batch, dev)
         # the logits (the last segment's output) and tensors without a gradient weigh 1
         ws = None if fisher is None else [fisher.get(t) if t in fisher else torch.ones(()) for t in sp.outputs]
+        if ref is not None and k + 1 < len(segs):
+            ws = tail_kl_weights(seg, qx, sp.outputs, [(s, t) for (s, _), t in zip(segs[k + 1:], t_segs[k + 1:])],
+                                 ref, out_name, settings.eval_batch, dev)
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
             before = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
