@@ -325,7 +325,8 @@ def _add_quant_args(p):
                    help="--reconstruct and --recipe ias: how a block's output error is weighted: mse (alike, as "
                         "I&S-ViT), or by the gradient of the float model's loss there: fisher (squared, per image, "
                         "BRECQ), fisher_mean (squared, averaged over the images), fisher_abs (magnitude, averaged), "
-                        "fisher_kl (of the KL to float with the block quantized, as FIMA-Q). default: fisher_abs "
+                        "fisher_kl (of the KL to float with the block quantized, as FIMA-Q), fisher_dplr (fisher_abs plus "
+                        "FIMA-Q's rank-one term). default: fisher_abs "
                         "after a recipe (lowest held-out KL on deit and swin), mse in --recipe ias")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "

@@ -29,7 +29,7 @@ def parse_image_bits(s: str) -> int | None:
 # how reconstruction weighs a block's output error (recon/block.py, ReconSettings.loss).
 # fisher_abs lowered the held-out tin_calib KL against mse in three of four (deit and swin, W3A3
 # and W4A4) with the lowest geometric mean of the rule set before measuring (docs/results.md)
-RECON_LOSSES = ("mse", "fisher", "fisher_mean", "fisher_abs", "fisher_kl")
+RECON_LOSSES = ("mse", "fisher", "fisher_mean", "fisher_abs", "fisher_kl", "fisher_dplr")
 RECON_LOSS_DEFAULT = "fisher_abs"
 
 

@@ -431,6 +431,25 @@ def test_tail_kl_weights_see_only_what_reaches_the_logits(planned):
     assert b0["loss_after"] < b0["loss_before"] and "blocks.0.attn.qkv.bias" in new
 
 
+def test_dplr_terms_and_training(planned):
+    """FIMA-Q's diagonal plus rank-one loss: the terms by hand on two images; each normalized to 1
+    before training, so a block starts at 2 and a short run lowers it."""
+    from mptq_onnx.recon import ReconSettings, reconstruct
+    from mptq_onnx.recon.block import _mse, _terms
+    y = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    t = torch.zeros(2, 2)
+    w = torch.tensor([[2.0, 0.0]])  # one row for every image
+    d, r = _terms([y], [t], [w])
+    assert float(d) == pytest.approx((2 * 1 + 0 + 0 + 0) / 4)  # mean(w Δ²)
+    assert float(r) == pytest.approx(((2 * 1 + 0) / 2) ** 2 / 2)  # images: (1)², (0)²
+    assert float(_mse([y], [t], [w], (float(d), float(r)))) == pytest.approx(2.0)
+    float_model, info, plan, _, imgs = planned
+    new, rows, _ = reconstruct(float_model, info, plan, imgs, ReconSettings(iters=8, batch=8, lr=1e-4, loss="fisher_dplr"))
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_before"] == pytest.approx(2.0, rel=1e-4) and b0["loss_after"] < b0["loss_before"]
+    assert "blocks.0.attn.qkv.bias" in new
+
+
 def _shape_math_graph():
     """x [N, 4, 6] -> Shape/Gather/Concat -> Reshape, + Range, + ConstantOfShape: the integer
     tensors dynamo exports compute from shapes."""

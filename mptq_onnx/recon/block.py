@@ -54,8 +54,9 @@ class ReconSettings:
     # (BRECQ's diagonal Fisher); "fisher_mean": that square averaged over the images (one weight
     # per token and channel); "fisher_abs": the gradient's magnitude averaged over the images (a
     # diagonal weighting after FIMA-Q); "fisher_kl": the magnitude of the gradient of KL(float || model)
-    # with the block quantized and the rest float (FIMA-Q's source), averaged likewise. Each scaled
-    # to mean 1 per tensor
+    # with the block quantized and the rest float (FIMA-Q's source), averaged likewise; each scaled
+    # to mean 1 per tensor. "fisher_dplr": fisher_abs's weights in FIMA-Q's diagonal plus rank-one
+    # loss (one gradient row: its low-rank part at k = 1)
     loss: str = "mse"
 
 
@@ -205,15 +206,30 @@ def _batched(seg: Segment, xs: list[torch.Tensor], quant: bool, bs: int, device:
     return [torch.cat([o[k] for o in outs]) for k in range(len(seg.outputs))]
 
 
-def _mse(ys, ts, ws=None) -> torch.Tensor:
+def _terms(ys, ts, ws):
+    """FIMA-Q's two terms for weights w: the diagonal one, mean(w·Δ²), and the rank-one one, the
+    mean over images of (mean of w·|Δ| over the image's elements)²."""
+    d = r = 0.0
+    for y, t, w in zip(ys, ts, ws):
+        e = y - t
+        d = d + torch.mean(w * e * e)
+        a = (w * e.abs()).reshape(len(e), -1).mean(1)
+        r = r + torch.mean(a * a)
+    return d, r
+
+
+def _mse(ys, ts, ws=None, norms=None) -> torch.Tensor:
     if ws is None:
         return sum(torch.mean((y - t) ** 2) for y, t in zip(ys, ts))
+    if norms is not None:  # fisher_dplr: each term over its value before training, as FIMA-Q
+        d, r = _terms(ys, ts, ws)
+        return d / norms[0] + r / norms[1]
     return sum(torch.mean(w * (y - t) ** 2) for y, t, w in zip(ys, ts, ws))
 
 
-def _loss(seg, xs, ts, bs, device, ws=None) -> float:
+def _loss(seg, xs, ts, bs, device, ws=None, norms=None) -> float:
     ys = _batched(seg, xs, True, bs, device)
-    return float(_mse(ys, ts, ws))
+    return float(_mse(ys, ts, ws, norms))
 
 
 class FisherWeights:
@@ -353,7 +369,7 @@ def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.
 
 
 def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tensor], ws, settings: ReconSettings,
-                  k: int, label: str = "") -> None:
+                  k: int, label: str = "", norms=None) -> None:
     """`settings.iters` Adam steps on `seg`'s weights (and learned scales) towards `targets` from
     the inputs `qx`, batches drawn from the seed and the segment's index `k`."""
     from tqdm import tqdm
@@ -377,7 +393,8 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
             idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
             ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
             loss = _mse(ys, [t[idx].to(dev) for t in targets],
-                        None if ws is None else [w[idx].to(dev) if w.ndim and len(w) == n > 1 else w.to(dev) for w in ws])
+                        None if ws is None else [w[idx].to(dev) if w.ndim and len(w) == n > 1 else w.to(dev) for w in ws],
+                        norms)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -411,7 +428,8 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
             env = dict(zip(sp.outputs, _batched(ts, [env[t] for t in sp.inputs], False, settings.eval_batch, dev)))
         ref = env[out_name]
     elif settings.loss in RECON_LOSSES and settings.loss != "mse":
-        fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev, settings.loss)
+        fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev,
+                                "fisher_abs" if settings.loss == "fisher_dplr" else settings.loss)
     elif settings.loss != "mse":
         raise ValueError(f"unknown reconstruction loss {settings.loss!r}")
     f_env = {segs[0][0].inputs[0]: x0}
@@ -435,11 +453,16 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
                                  ref, out_name, settings.eval_batch, dev)
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
-            before = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
+            norms = None
+            if settings.loss == "fisher_dplr" and ws is not None:
+                with torch.no_grad():
+                    d0, r0 = _terms(_batched(seg, qx, True, settings.eval_batch, dev), targets, ws)
+                norms = (max(float(d0), 1e-30), max(float(r0), 1e-30))
+            before = _loss(seg, qx, targets, settings.eval_batch, dev, ws, norms)
             start = [p.detach().clone() for p in seg.weights]
             start_scales = [fq.state() for _, _, fq in seg.learned]
-            train_segment(seg, qx, targets, ws, settings, k, sp.name)
-            after = _loss(seg, qx, targets, settings.eval_batch, dev, ws)
+            train_segment(seg, qx, targets, ws, settings, k, sp.name, norms)
+            after = _loss(seg, qx, targets, settings.eval_batch, dev, ws, norms)
             row.update(loss_before=before, loss_after=after)
             if not after < before:  # training made this block worse: keep its weights as they were
                 with torch.no_grad():
