@@ -98,6 +98,8 @@ class QuantConfig:
     # one of RECON_LOSSES, or "default": RECON_LOSS_DEFAULT after any recipe, mse in the ias
     # recipe's own stages (I&S-ViT's loss)
     recon_loss: str = "default"
+    # reconstruction also trains the γ and β of LayerNorms feeding quantized inputs
+    recon_norms: bool = False
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
     # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
     # shift-uniform-log2) on every one of them

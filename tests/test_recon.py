@@ -450,6 +450,27 @@ def test_dplr_terms_and_training(planned):
     assert "blocks.0.attn.qkv.bias" in new
 
 
+def test_recon_norms_trains_the_layernorms_before_quantized_inputs(planned):
+    """recon_norms: every LayerNorm feeding a quantized input adds its γ and β to the parameters of
+    the segment that runs it, and the trained values of kept segments come back with the weights."""
+    from onnx import numpy_helper
+
+    from mptq_onnx.recon import ReconSettings, reconstruct
+    float_model, info, plan, _, imgs = planned
+    nodes = {n.name: n for n in float_model.graph.node}
+    lns = {a.ln for p in plan.values() for a, q in zip(p.site.inputs, p.acts) if q is not None and a.kind == "post_ln"}
+    affine = {t for ln in lns for t in nodes[ln].input[1:3] if t}
+    assert len(lns) >= 2 * 2 and len(affine) == 2 * len(lns)  # norm1 and norm2 of each block at least
+    new, rows, _ = reconstruct(float_model, info, plan, imgs, ReconSettings(iters=8, batch=8, lr=1e-4, norms=True))
+    assert sum(r["params"] for r in rows) == 2 * 50 + len(affine)
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_after"] < b0["loss_before"] and b0.get("kept", True)
+    init = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
+    trained = [t for t in affine if t in new]
+    assert {"blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.norm2.weight"} <= set(trained)
+    assert all(new[t].shape == init[t].shape and not np.array_equal(new[t], init[t]) for t in trained)
+
+
 def _shape_math_graph():
     """x [N, 4, 6] -> Shape/Gather/Concat -> Reshape, + Range, + ConstantOfShape: the integer
     tensors dynamo exports compute from shapes."""

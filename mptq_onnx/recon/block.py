@@ -58,6 +58,9 @@ class ReconSettings:
     # to mean 1 per tensor. "fisher_dplr": fisher_abs's weights in FIMA-Q's diagonal plus rank-one
     # loss (one gradient row: its low-rank part at k = 1)
     loss: str = "mse"
+    # also train the affine parameters (γ, β) of the LayerNorms feeding quantized inputs: an
+    # unconstrained form of OmniQuant's learnable equivalent transformation, after SQ-b's fixed one
+    norms: bool = False
 
 
 @dataclasses.dataclass
@@ -148,12 +151,14 @@ class _ActHook:
 
 def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: str = "cpu",
                    float_weights: bool = False, specs: list[SegmentSpec] | None = None,
-                   learn_scales: bool = False):
+                   learn_scales: bool = False, train_norms: bool = False):
     """(spec, torch Segment) per segment, with the plan's fake quantizers hooked in and the
     weights and biases of its weight-quantized sites as parameters (`float_weights`: of every planned
     site with a weight, trained in float: the plan's weight quantizers are left out). `specs`: cut at these segments' boundaries (by tensor name).
     `learn_scales`: uniform and region activation quantizers are LearnedScale objects; each
-    segment's `learned` lists (site name, input index, LearnedScale) for its nodes."""
+    segment's `learned` lists (site name, input index, LearnedScale) for its nodes. `train_norms`:
+    the γ and β of LayerNorms feeding a quantized input are parameters too (canonicalize gave
+    every LayerNorm its own)."""
     consts = _const_tensors(model.graph)
     nodes = list(model.graph.node)
     by_name = {n.name: n for n in nodes}
@@ -175,6 +180,10 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
             hooks[(s.node, list(node.input).index(s.weight))] = fake_quantizer(p.weight, device)
         if p.weight is not None or (float_weights and s.weight):
             trainable += [s.weight] + ([s.bias] if s.bias else [])
+        if train_norms:
+            for a, q in zip(s.inputs, p.acts):
+                if q is not None and a.kind == "post_ln" and a.ln in by_name:
+                    trainable += [t for t in by_name[a.ln].input[1:3] if t in consts and t not in trainable]
     specs = match_segments(plan_segments(model, info, list(plan), consts), specs)
     out = []
     for sp in specs:
@@ -411,7 +420,8 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
     from ..analyze import analyze
 
     dev = settings.device
-    segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0)
+    segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0,
+                          train_norms=settings.norms)
     if teacher is not None:
         t_info = teacher_info or analyze(teacher)
         t_plan = {n: dataclasses.replace(p, site=t_info.site(n), weight=None, acts=[]) for n, p in plan.items()}
