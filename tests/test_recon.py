@@ -461,7 +461,7 @@ def test_recon_norms_trains_the_layernorms_before_quantized_inputs(planned):
     lns = {a.ln for p in plan.values() for a, q in zip(p.site.inputs, p.acts) if q is not None and a.kind == "post_ln"}
     affine = {t for ln in lns for t in nodes[ln].input[1:3] if t}
     assert len(lns) >= 2 * 2 and len(affine) == 2 * len(lns)  # norm1 and norm2 of each block at least
-    new, rows, _ = reconstruct(float_model, info, plan, imgs, ReconSettings(iters=8, batch=8, lr=1e-4, norms=True))
+    new, rows, _ = reconstruct(float_model, info, plan, imgs, ReconSettings(iters=8, batch=8, lr=1e-4, train_norms=True))
     assert sum(r["params"] for r in rows) == 2 * 50 + len(affine)
     b0 = next(r for r in rows if r["segment"] == "blocks.0")
     assert b0["loss_after"] < b0["loss_before"] and b0.get("kept", True)

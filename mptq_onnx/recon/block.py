@@ -60,7 +60,7 @@ class ReconSettings:
     loss: str = "mse"
     # also train the affine parameters (γ, β) of the LayerNorms feeding quantized inputs: an
     # unconstrained form of OmniQuant's learnable equivalent transformation, after SQ-b's fixed one
-    norms: bool = False
+    train_norms: bool = False
 
 
 @dataclasses.dataclass
@@ -227,18 +227,18 @@ def _terms(ys, ts, ws):
     return d, r
 
 
-def _mse(ys, ts, ws=None, norms=None) -> torch.Tensor:
+def _mse(ys, ts, ws=None, term_scales=None) -> torch.Tensor:
     if ws is None:
         return sum(torch.mean((y - t) ** 2) for y, t in zip(ys, ts))
-    if norms is not None:  # fisher_dplr: each term over its value before training, as FIMA-Q
+    if term_scales is not None:  # fisher_dplr: each term over its value before training, as FIMA-Q
         d, r = _terms(ys, ts, ws)
-        return d / norms[0] + r / norms[1]
+        return d / term_scales[0] + r / term_scales[1]
     return sum(torch.mean(w * (y - t) ** 2) for y, t, w in zip(ys, ts, ws))
 
 
-def _loss(seg, xs, ts, bs, device, ws=None, norms=None) -> float:
+def _loss(seg, xs, ts, bs, device, ws=None, term_scales=None) -> float:
     ys = _batched(seg, xs, True, bs, device)
-    return float(_mse(ys, ts, ws, norms))
+    return float(_mse(ys, ts, ws, term_scales))
 
 
 class FisherWeights:
@@ -378,7 +378,7 @@ def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.
 
 
 def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tensor], ws, settings: ReconSettings,
-                  k: int, label: str = "", norms=None) -> None:
+                  k: int, label: str = "", term_scales=None) -> None:
     """`settings.iters` Adam steps on `seg`'s weights (and learned scales) towards `targets` from
     the inputs `qx`, batches drawn from the seed and the segment's index `k`."""
     from tqdm import tqdm
@@ -403,7 +403,7 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
             ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
             loss = _mse(ys, [t[idx].to(dev) for t in targets],
                         None if ws is None else [w[idx].to(dev) if w.ndim and len(w) == n > 1 else w.to(dev) for w in ws],
-                        norms)
+                        term_scales)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -421,7 +421,7 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
 
     dev = settings.device
     segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0,
-                          train_norms=settings.norms)
+                          train_norms=settings.train_norms)
     if teacher is not None:
         t_info = teacher_info or analyze(teacher)
         t_plan = {n: dataclasses.replace(p, site=t_info.site(n), weight=None, acts=[]) for n, p in plan.items()}
@@ -463,16 +463,16 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
                                  ref, out_name, settings.eval_batch, dev)
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
-            norms = None
+            term_scales = None
             if settings.loss == "fisher_dplr" and ws is not None:
                 with torch.no_grad():
                     d0, r0 = _terms(_batched(seg, qx, True, settings.eval_batch, dev), targets, ws)
-                norms = (max(float(d0), 1e-30), max(float(r0), 1e-30))
-            before = _loss(seg, qx, targets, settings.eval_batch, dev, ws, norms)
+                term_scales = (max(float(d0), 1e-30), max(float(r0), 1e-30))
+            before = _loss(seg, qx, targets, settings.eval_batch, dev, ws, term_scales)
             start = [p.detach().clone() for p in seg.weights]
             start_scales = [fq.state() for _, _, fq in seg.learned]
-            train_segment(seg, qx, targets, ws, settings, k, sp.name, norms)
-            after = _loss(seg, qx, targets, settings.eval_batch, dev, ws, norms)
+            train_segment(seg, qx, targets, ws, settings, k, sp.name, term_scales)
+            after = _loss(seg, qx, targets, settings.eval_batch, dev, ws, term_scales)
             row.update(loss_before=before, loss_after=after)
             if not after < before:  # training made this block worse: keep its weights as they were
                 with torch.no_grad():
