@@ -12,6 +12,7 @@ model's activations (MSE, or each element weighted by the model's sensitivity to
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 import time
@@ -215,6 +216,27 @@ def _batched(seg: Segment, xs: list[torch.Tensor], quant: bool, bs: int, device:
     return [torch.cat([o[k] for o in outs]) for k in range(len(seg.outputs))]
 
 
+def _run_chain(pairs, x0: torch.Tensor, quant: bool, bs: int, device: str) -> dict[str, torch.Tensor]:
+    """The (spec, segment) pairs in order from the images `x0`: the last segment's outputs by name."""
+    env = {pairs[0][0].inputs[0]: x0}
+    for sp, seg in pairs:
+        env = dict(zip(sp.outputs, _batched(seg, [env[t] for t in sp.inputs], quant, bs, device)))
+    return env
+
+
+@contextlib.contextmanager
+def _frozen(params):
+    """`params` without gradients for the duration (gradients of the activations only), then as they were."""
+    trained = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(params, trained):
+            p.requires_grad_(r)
+
+
 def _terms(ys, ts, ws):
     """FIMA-Q's two terms for weights w: the diagonal one, mean(w·Δ²), and the rank-one one, the
     mean over images of (mean of w·|Δ| over the image's elements)²."""
@@ -296,12 +318,8 @@ def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out
     does not depend on an element (patch tokens after the last block of a class-token ViT), its
     weight is 0."""
     names = list(dict.fromkeys(t for sp in specs for t in sp.outputs if t != out_name))
-    params = [p for ts in t_segs for p in ts.parameters()]
-    trained = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)  # gradients of the activations only
     out = FisherWeights(mode)
-    try:
+    with _frozen([p for ts in t_segs for p in ts.parameters()]):
         for i in range(0, len(x0), bs):
             env = {specs[0].inputs[0]: x0[i:i + bs].to(device).requires_grad_(True)}  # the graph to differentiate
             keep: dict[str, torch.Tensor] = {}
@@ -320,9 +338,6 @@ def fisher_weights(specs: list[SegmentSpec], t_segs: list, x0: torch.Tensor, out
             for t in names:
                 g = grads.get(t)
                 out.add(t, g)
-    finally:
-        for p, r in zip(params, trained):
-            p.requires_grad_(r)
     return out
 
 
@@ -333,11 +348,7 @@ def tail_kl_weights(seg: Segment, qx: list[torch.Tensor], outputs: list[str], ta
     `tail` after it runs in float; its magnitude averaged over the images, one weight per token
     and channel, scaled to mean 1 per tensor (the logits and outputs without gradient weigh 1)."""
     sums: dict[str, torch.Tensor] = {}
-    params = [p for _, ts in tail for p in ts.parameters()]
-    trained = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with _frozen([p for _, ts in tail for p in ts.parameters()]):
         for i in range(0, len(qx[0]), bs):
             with torch.no_grad():
                 ys = seg(*[x[i:i + bs].to(device) for x in qx], quant=True)
@@ -356,9 +367,6 @@ def tail_kl_weights(seg: Segment, qx: list[torch.Tensor], outputs: list[str], ta
                 if g is not None:
                     a = g.detach().abs().sum(0, keepdim=True).cpu()
                     sums[t] = a if t not in sums else sums[t] + a
-    finally:
-        for p, r in zip(params, trained):
-            p.requires_grad_(r)
     return [sums[t] / sums[t].mean().clamp_min(1e-30) if t in sums else torch.ones(()) for t in outputs]
 
 
@@ -433,10 +441,7 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
     fisher = None
     ref = None
     if settings.loss == "fisher_kl":  # the float logits, for each block's tail gradient
-        env = {segs[0][0].inputs[0]: x0}
-        for sp, ts in zip([sp for sp, _ in segs], t_segs):
-            env = dict(zip(sp.outputs, _batched(ts, [env[t] for t in sp.inputs], False, settings.eval_batch, dev)))
-        ref = env[out_name]
+        ref = _run_chain([(sp, ts) for (sp, _), ts in zip(segs, t_segs)], x0, False, settings.eval_batch, dev)[out_name]
     elif settings.loss in RECON_LOSSES and settings.loss != "mse":
         fisher = fisher_weights([sp for sp, _ in segs], t_segs, x0, out_name, settings.eval_batch, dev,
                                 "fisher_abs" if settings.loss == "fisher_dplr" else settings.loss)
@@ -463,12 +468,12 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
                                  ref, out_name, settings.eval_batch, dev)
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
         if (seg.param_names or seg.learned) and settings.iters > 0:
+            ys0 = _batched(seg, qx, True, settings.eval_batch, dev)
             term_scales = None
             if settings.loss == "fisher_dplr" and ws is not None:
-                with torch.no_grad():
-                    d0, r0 = _terms(_batched(seg, qx, True, settings.eval_batch, dev), targets, ws)
-                term_scales = (max(float(d0), 1e-30), max(float(r0), 1e-30))
-            before = _loss(seg, qx, targets, settings.eval_batch, dev, ws, term_scales)
+                term_scales = tuple(max(float(v), 1e-30) for v in _terms(ys0, targets, ws))
+            before = float(_mse(ys0, targets, ws, term_scales))
+            del ys0
             start = [p.detach().clone() for p in seg.weights]
             start_scales = [fq.state() for _, _, fq in seg.learned]
             train_segment(seg, qx, targets, ws, settings, k, sp.name, term_scales)
@@ -507,8 +512,5 @@ def run_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np
                  quant: bool = True) -> np.ndarray:
     """The whole model through the torch segments (fake-quantized if `quant`): its output."""
     segs = build_segments(model, info, plan)
-    env = {segs[0][0].inputs[0]: torch.from_numpy(np.ascontiguousarray(images, np.float32))}
-    for sp, seg in segs:
-        ys = _batched(seg, [env[t] for t in sp.inputs], quant, 64, "cpu")
-        env = dict(zip(sp.outputs, ys))
-    return env[model.graph.output[0].name].numpy()
+    x0 = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    return _run_chain(segs, x0, quant, 64, "cpu")[model.graph.output[0].name].numpy()
