@@ -110,7 +110,8 @@ _NEEDS = [
     (("--mp-candidates", "--mp-images", "--allocator", "--frontier-plot", "--omega-from"),
      "--target-bits or --max-drop", lambda c: c.mixed()),
     (("--val", "--val-size"), "--max-drop", lambda c: c.max_drop is not None),
-    (("--iters", "--recon-batch", "--recon-lr", "--recon-scale-lr", "--recon-loss", "--recon-norms", "--recon-images",
+    (("--iters", "--recon-batch", "--recon-lr", "--recon-scale-lr", "--recon-loss", "--recon-norms", "--recon-rounding",
+      "--recon-images",
       "--device"),
      "--reconstruct or --recipe ias", lambda c: c.reconstruct or c.recipe == "ias"),
     (("--patch-keep", "--patch-bits", "--patch-score"), "--patchwise", lambda c: c.patchwise),
@@ -139,7 +140,8 @@ def _config(a):
                       image_bits=a.image_bits, mp_images=a.mp_images, weight_rounding=a.weight_rounding,
                       reconstruct=a.reconstruct, recon_iters=a.iters, recon_batch=a.recon_batch, device=a.device,
                       recon_images=a.recon_images, recon_lr=a.recon_lr, recon_scale_lr=a.recon_scale_lr,
-                      recon_loss=a.recon_loss, recon_norms=a.recon_norms, softmax_quantizer=a.softmax_quantizer, allocator=a.allocator,
+                      recon_loss=a.recon_loss, recon_norms=a.recon_norms, recon_rounding=a.recon_rounding,
+                      softmax_quantizer=a.softmax_quantizer, allocator=a.allocator,
                       frontier_plot=a.frontier_plot, patchwise=a.patchwise, patch_keep=a.patch_keep,
                       patch_bits=a.patch_bits, patch_score=a.patch_score, max_drop=a.max_drop,
                       val_dir=a.val, val_size=a.val_size, omega_from=a.omega_from,
@@ -332,6 +334,9 @@ def _add_quant_args(p):
     p.add_argument("--recon-norms", action="store_true",
                    help="--reconstruct and --recipe ias: train the LayerNorms' scale and shift before quantized "
                         "inputs with the weights (lower held-out KL at W3A3, higher at W4A4; results.md)")
+    p.add_argument("--recon-rounding", choices=("ste", "learned"), default="ste",
+                   help="--reconstruct and --recipe ias: ste trains the weights; learned trains each weight's "
+                        "rounding down or up (AdaRound, from nearest rounding; more --iters wanted) (default ste)")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "
                         f"{RECON_IMAGES_DEFAULT}, or all it holds; the searches keep --calib-size)")

@@ -100,6 +100,11 @@ class QuantConfig:
     recon_loss: str = "default"
     # reconstruction also trains the γ and β of LayerNorms feeding quantized inputs
     recon_norms: bool = False
+    # "ste": reconstruction trains the weights (straight-through rounding); "learned": it trains
+    # each weight's rounding down or up instead (AdaRound), from nearest rounding (not GPTQ's
+    # weights, already on the grid, where AdaRound's choice would be stuck)
+    recon_rounding: str = "ste"
+    recon_round_lr: float = 1e-3       # learned rounding: Adam's learning rate on AdaRound's V
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
     # post-Softmax inputs: "default", the recipe's own choice, or "sulq" (I&S-ViT's
     # shift-uniform-log2) on every one of them
@@ -125,7 +130,11 @@ class QuantConfig:
 
     def rounding(self) -> str:
         """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
-        return self.weight_rounding or ("gptq" if self.recipe == "mptq" else "nearest")
+        if self.weight_rounding:
+            return self.weight_rounding
+        if self.reconstruct and self.recon_rounding == "learned":
+            return "nearest"
+        return "gptq" if self.recipe == "mptq" else "nearest"
 
     def smoothing_scores_weights(self) -> bool:
         """Whether SQ-b's α/shift search scores the weights' rounding error too (see sqb.py)."""
@@ -199,6 +208,8 @@ class QuantConfig:
             raise MptqError(f"--recon-images must be at least 1, got {self.recon_images}")
         if not 0.0 <= self.recon_drop < 1.0:
             raise MptqError(f"the QDrop probability must lie in [0, 1), got {self.recon_drop}")
+        if self.recon_rounding not in ("ste", "learned"):
+            raise MptqError(f"the reconstruction's weight rounding must be ste or learned, got {self.recon_rounding!r}")
         if self.recon_loss not in ("default",) + RECON_LOSSES:
             raise MptqError(f"the reconstruction loss must be one of default, {', '.join(RECON_LOSSES)}, "
                             f"got {self.recon_loss!r}")

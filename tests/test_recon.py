@@ -609,3 +609,47 @@ def test_heap_allocations_only_where_the_cli_mapped_them(monkeypatch):
         inside = list(calls)
     assert (calibrate._M_MMAP_THRESHOLD, calibrate.MMAP_THRESHOLD) not in inside
     assert calls[-2:] == [(calibrate._M_MMAP_THRESHOLD, calibrate.MMAP_THRESHOLD), ("trim", 0)]
+
+
+def test_learned_rounding_starts_at_nearest_and_writes_weights_on_the_grid():
+    """AdaRound: at the start the hard rounding is the calibrated quantizer's and the soft one
+    gives back the weight; after reconstruction every written weight is on its quantizer's grid,
+    within one step of the float weight (floor or ceil), and the first block's loss went down."""
+    from onnx import numpy_helper
+
+    from mptq_onnx.recon import ReconSettings, reconstruct
+    from mptq_onnx.recon.fakequant import LearnedRounding
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (16, 8)).astype(np.float32)
+    q = symmetric_per_channel(w, 1, 4)
+    r = LearnedRounding(q, w)
+    np.testing.assert_array_equal(r().numpy(), fake_quant(w, q))
+    r.hard = False
+    inside = np.abs(w / np.asarray(q.scale)) < q.qmax - 1
+    np.testing.assert_allclose(r().detach().numpy()[inside], w[inside], rtol=0, atol=1e-3 * float(np.max(q.scale)))
+    assert float(r.regularizer(2.0).detach()) > 0
+
+    m = load_embedded_model()
+    imgs = load_calibration(embedded_calib_dir(), get_preprocess(m), 16, progress=False)
+    cfg = QuantConfig(recipe="mptq", wbits=4, abits=4, calib_size=16, progress=False, reconstruct=True,
+                      recon_rounding="learned")
+    assert cfg.rounding() == "nearest"  # GPTQ's weights are on the grid: AdaRound starts from nearest
+    ctx = Context(m, cfg, imgs)
+    passes = [p for p in recipe_passes(cfg) if p.name != "reconstruct"]
+    PassManager(passes[:-1], verbose=False)(ctx)
+    new, rows, _ = reconstruct(ctx.model, ctx.info, ctx.plan, imgs,
+                               ReconSettings(iters=40, batch=8, lr=1e-4, rounding="learned"))
+    b0 = next(r for r in rows if r["segment"] == "blocks.0")
+    assert b0["loss_after"] < b0["loss_before"] and b0.get("kept", True)
+    init = {t.name: numpy_helper.to_array(t) for t in ctx.model.graph.initializer}
+    flipped = 0
+    for p in ctx.plan.values():
+        if p.weight is None or p.site.weight not in new:
+            continue
+        wq, w0, s = new[p.site.weight], init[p.site.weight], p.weight
+        np.testing.assert_array_equal(fake_quant(wq, s), wq)
+        step = np.asarray(s.scale).reshape([-1 if i == s.axis else 1 for i in range(w0.ndim)]) if s.axis is not None else s.scale
+        code, x = np.rint(wq / step), w0 / step
+        assert np.all((code == np.clip(np.floor(x), s.qmin, s.qmax)) | (code == np.clip(np.ceil(x), s.qmin, s.qmax)))
+        flipped += int(np.sum(wq != fake_quant(w0, s)))
+    assert flipped > 0

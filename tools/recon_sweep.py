@@ -111,6 +111,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.spec}: unknown modifiers {rest}")
     cfg.reconstruct, cfg.progress = True, False
     variants = [(v, parse_variant(v, cfg)) for v in a.variants]  # typos fail before any work
+    for v, fields in variants:  # the passes before reconstruction run once, with the spec's config
+        if dataclasses.replace(cfg, **fields).rounding() != cfg.rounding():
+            raise SystemExit(f"{v}: changes the weight rounding before reconstruction; put it in --spec")
     shared = Path(a.shared)
     calib_dir = shared / "data" / "tin_calib"
     float_path = float_model(a.card, shared, Path(a.work))

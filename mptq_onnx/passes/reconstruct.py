@@ -62,7 +62,8 @@ class Reconstruct(Pass):
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
                            quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr,
                            loss=self.loss if cfg.recon_loss == "default" else cfg.recon_loss,
-                           threads=cfg.threads, train_norms=cfg.recon_norms)
+                           threads=cfg.threads, train_norms=cfg.recon_norms,
+                           rounding=cfg.recon_rounding, round_lr=cfg.recon_round_lr)
         try:
             images = ctx.calib_images if ctx.recon_images is None else ctx.recon_images
             t_info = ctx.analyze(ctx.teacher) if ctx.teacher is not None else None  # as the model is

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from ..analyze import GraphInfo
 from ..modelio import Spill
 from ..plan import RECON_LOSSES
-from .fakequant import LEARNABLE, LearnedScale, fake_quantizer
+from .fakequant import LEARNABLE, LearnedRounding, LearnedScale, fake_quantizer
 from .interp import Segment
 
 
@@ -62,6 +62,12 @@ class ReconSettings:
     # also train the affine parameters (γ, β) of the LayerNorms feeding quantized inputs: an
     # unconstrained form of OmniQuant's learnable equivalent transformation, after SQ-b's fixed one
     train_norms: bool = False
+    # "ste": the weights train through straight-through rounding; "learned": they stay and each
+    # one's rounding down or up trains instead (AdaRound; Adam at `round_lr`, regularizer weight
+    # `round_reg` per element of one image's block output, as BRECQ's per-image summed loss)
+    rounding: str = "ste"
+    round_lr: float = 1e-3
+    round_reg: float = 0.01
 
 
 @dataclasses.dataclass
@@ -152,19 +158,22 @@ class _ActHook:
 
 def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: str = "cpu",
                    float_weights: bool = False, specs: list[SegmentSpec] | None = None,
-                   learn_scales: bool = False, train_norms: bool = False):
+                   learn_scales: bool = False, train_norms: bool = False, learn_rounding: bool = False):
     """(spec, torch Segment) per segment, with the plan's fake quantizers hooked in and the
     weights and biases of its weight-quantized sites as parameters (`float_weights`: of every planned
     site with a weight, trained in float: the plan's weight quantizers are left out). `specs`: cut at these segments' boundaries (by tensor name).
     `learn_scales`: uniform and region activation quantizers are LearnedScale objects; each
     segment's `learned` lists (site name, input index, LearnedScale) for its nodes. `train_norms`:
     the γ and β of LayerNorms feeding a quantized input are parameters too (canonicalize gave
-    every LayerNorm its own)."""
+    every LayerNorm its own). `learn_rounding`: uniform weight quantizers are LearnedRounding
+    objects and their weights are not parameters (biases are); each segment's `rounders` lists
+    (weight name, LearnedRounding)."""
     consts = _const_tensors(model.graph)
     nodes = list(model.graph.node)
     by_name = {n.name: n for n in nodes}
     hooks: dict[tuple[str, int], object] = {}
     learned: dict[str, list] = {}
+    rounders: dict[str, list] = {}
     trainable: list[str] = []
     for name, p in plan.items():
         s = p.site
@@ -177,10 +186,15 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
                 else:
                     fq = fake_quantizer(q, device)
                 hooks[(s.node, list(node.input).index(a.tensor))] = _ActHook(fq)
-        if p.weight is not None and not float_weights:
+        rounded = learn_rounding and p.weight is not None and not float_weights and p.weight.kind == "uniform"
+        if rounded:
+            fq = LearnedRounding(p.weight, consts[s.weight], device)
+            rounders.setdefault(s.node, []).append((s.weight, fq))
+            hooks[(s.node, list(node.input).index(s.weight))] = fq
+        elif p.weight is not None and not float_weights:
             hooks[(s.node, list(node.input).index(s.weight))] = fake_quantizer(p.weight, device)
         if p.weight is not None or (float_weights and s.weight):
-            trainable += [s.weight] + ([s.bias] if s.bias else [])
+            trainable += ([] if rounded else [s.weight]) + ([s.bias] if s.bias else [])
         if train_norms:
             for a, q in zip(s.inputs, p.acts):
                 if q is not None and a.kind == "post_ln" and a.ln in by_name:
@@ -195,6 +209,7 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
         seg.to(device)
         seg.consts = {k: v.to(device) for k, v in seg.consts.items()}
         seg.learned = [x for n in nodes[sp.start:sp.end] for x in learned.get(n.name, [])]
+        seg.rounders = [x for n in nodes[sp.start:sp.end] for x in rounders.get(n.name, [])]
         out.append((sp, seg))
     return out
 
@@ -400,18 +415,30 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
     groups = [{"params": list(seg.parameters()), "lr": settings.lr}]
     if seg.learned:
         groups.append({"params": [v for _, _, fq in seg.learned for v in fq.params], "lr": settings.scale_lr})
+    rounders = [r for _, r in getattr(seg, "rounders", [])]
+    if rounders:
+        groups.append({"params": [r.param for r in rounders], "lr": settings.round_lr})
+        # BRECQ sums the error over one image's block output; ours is a mean over its elements
+        per_image = sum(int(np.prod(t.shape[1:])) for t in targets)
+        lam = settings.round_reg / max(per_image, 1)
+        for r in rounders:
+            r.hard = False
     opt = torch.optim.Adam([g for g in groups if g["params"]])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters)
     rng = np.random.default_rng([settings.seed, k])
     bs = min(settings.batch, n)
     bar = tqdm(range(settings.iters), desc=f"recon {label}", leave=False, disable=not settings.progress)
+    warm = int(0.2 * settings.iters)  # AdaRound: no regularizer for the first 20%, then β from 20 to 2
     with heap_allocations():  # the steps' temporaries only: the activations kept stay mapped apart
-        for _ in bar:
+        for it in bar:
             idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False)))
             ys = seg(*[x[idx].to(dev) for x in qx], quant=True)
             loss = _mse(ys, [t[idx].to(dev) for t in targets],
                         None if ws is None else [w[idx].to(dev) if w.ndim and len(w) == n > 1 else w.to(dev) for w in ws],
                         term_scales)
+            if rounders and it >= warm:
+                beta = 2.0 + 18.0 * (1.0 - (it - warm) / max(settings.iters - warm, 1))
+                loss = loss + lam * sum(r.regularizer(beta) for r in rounders)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -420,6 +447,8 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
     bar.close()
     for h in acts:
         h.drop, h.gen = 0.0, None
+    for r in rounders:
+        r.hard = True
 
 
 def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None):
@@ -428,8 +457,10 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
     from ..analyze import analyze
 
     dev = settings.device
+    if settings.rounding not in ("ste", "learned"):
+        raise ValueError(f"unknown weight rounding {settings.rounding!r}")
     segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0,
-                          train_norms=settings.train_norms)
+                          train_norms=settings.train_norms, learn_rounding=settings.rounding == "learned")
     if teacher is not None:
         t_info = teacher_info or analyze(teacher)
         t_plan = {n: dataclasses.replace(p, site=t_info.site(n), weight=None, acts=[]) for n, p in plan.items()}
@@ -467,7 +498,7 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
             ws = tail_kl_weights(seg, qx, sp.outputs, [(s, t) for (s, _), t in zip(segs[k + 1:], t_segs[k + 1:])],
                                  ref, out_name, settings.eval_batch, dev)
         row = {"segment": sp.name, "sites": len(sp.sites), "params": len(seg.param_names), "images": n}
-        if (seg.param_names or seg.learned) and settings.iters > 0:
+        if (seg.param_names or seg.learned or seg.rounders) and settings.iters > 0:
             ys0 = _batched(seg, qx, True, settings.eval_batch, dev)
             term_scales = None
             if settings.loss == "fisher_dplr" and ws is not None:
@@ -476,6 +507,7 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
             del ys0
             start = [p.detach().clone() for p in seg.weights]
             start_scales = [fq.state() for _, _, fq in seg.learned]
+            start_rounds = [r.state() for _, r in seg.rounders]
             train_segment(seg, qx, targets, ws, settings, k, sp.name, term_scales)
             after = _loss(seg, qx, targets, settings.eval_batch, dev, ws, term_scales)
             row.update(loss_before=before, loss_after=after)
@@ -485,12 +517,16 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
                         p.copy_(p0)
                 for (_, _, fq), st in zip(seg.learned, start_scales):
                     fq.restore(st)
+                for (_, r), st in zip(seg.rounders, start_rounds):
+                    r.restore(st)
                 row.update(kept=False, loss_after=before)
             else:
                 for name, p in zip(seg.param_names, seg.weights):
                     new[name] = p.detach().cpu().numpy().astype(np.float32)
                 for site, i, fq in seg.learned:
                     new_acts[(site, i)] = fq.quantizer()
+                for name, r in seg.rounders:
+                    new[name] = r.weight()
             if seg.learned:
                 row["scales"] = len(seg.learned)
         qy = _batched(seg, qx, True, settings.eval_batch, dev) if settings.quant_inputs else targets

@@ -215,3 +215,57 @@ class LearnedScale:
             return dataclasses.replace(self.q, scale=s[0].reshape(np.shape(self.q.scale)),
                                        neg_scale=float(s[1]), method=method)
         return dataclasses.replace(self.q, scale=s[0].reshape(np.shape(self.q.scale)), method=method)
+
+
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020): h(V) reaches 0 and 1 exactly
+_ZETA, _GAMMA = 1.1, -0.1
+
+
+class LearnedRounding:
+    """A uniform weight quantizer whose per-element choice of rounding down or up trains (AdaRound,
+    Nagel et al. 2020): code = floor(w/s) + h(V), h a stretched sigmoid in [0, 1], with a
+    regularizer that pushes every h to 0 or 1. The weights themselves stay; `hard` (the default,
+    and after training) rounds with h >= 0.5, which at the start is rounding half up, so a
+    segment's loss before training is that of the calibrated quantizer (up to ties). `weight()` is
+    the weight on the grid, so the emitted QDQ (round to nearest) computes what was trained."""
+
+    def __init__(self, q: Quantizer, w: np.ndarray, device="cpu"):
+        if q.kind != "uniform":
+            raise NotImplementedError(f"no learned rounding for kind {q.kind!r}")
+        self.q = q
+        w = torch.from_numpy(np.array(w, np.float32)).to(device)
+        self.s = _per_axis(q.scale, q.axis, w.dim(), device)
+        z = _per_axis(np.asarray(q.zero_point, np.float32), q.axis, w.dim(), device)
+        self.lo, self.hi = q.qmin - z, q.qmax - z
+        ws = w / self.s
+        self.base = torch.floor(ws)
+        p = ((ws - self.base - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.v0 = torch.log(p / (1 - p))
+        self.param = torch.nn.Parameter(self.v0.clone())
+        self.hard = True
+
+    def h(self) -> torch.Tensor:
+        return (torch.sigmoid(self.param) * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
+
+    def __call__(self, _w: torch.Tensor | None = None) -> torch.Tensor:
+        h = (self.param >= 0).float() if self.hard else self.h()
+        return torch.clamp(self.base + h, self.lo, self.hi) * self.s
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """AdaRound's f_reg: sum of 1 - |2h - 1|^beta, zero once every h is 0 or 1."""
+        return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
+
+    def state(self) -> torch.Tensor:
+        return self.param.detach().clone()
+
+    def restore(self, v: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.param.copy_(v)
+
+    def weight(self) -> np.ndarray:
+        with torch.no_grad():
+            hard, self.hard = self.hard, True
+            try:
+                return self().cpu().numpy().astype(np.float32)
+            finally:
+                self.hard = hard
