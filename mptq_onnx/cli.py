@@ -265,7 +265,7 @@ def _add_preprocess_args(p):
 
 
 def _add_quant_args(p):
-    from .plan import RECON_LOSSES
+    from .plan import RECON_LOSSES, RECON_ROUNDINGS
     p.add_argument("--recipe", default="uniform",
                    help="uniform | mptq | mptq-paper | sqb | optm | ias | pmq (default: uniform); see the README's recipe "
                         "table (ias: I&S-ViT, trains in torch; pmq: PMQ's allocation over uniform quantizers, "
@@ -334,7 +334,7 @@ def _add_quant_args(p):
     p.add_argument("--recon-norms", action="store_true",
                    help="--reconstruct and --recipe ias: train the LayerNorms' scale and shift before quantized "
                         "inputs with the weights (lower held-out KL at W3A3, higher at W4A4; results.md)")
-    p.add_argument("--recon-rounding", choices=("ste", "learned"), default="ste",
+    p.add_argument("--recon-rounding", choices=RECON_ROUNDINGS, default="ste",
                    help="--reconstruct and --recipe ias: ste trains the weights; learned trains each weight's "
                         "rounding down or up (AdaRound, from nearest rounding; more --iters wanted) (default ste)")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,

@@ -31,6 +31,9 @@ def parse_image_bits(s: str) -> int | None:
 # and W4A4) with the lowest geometric mean of the rule set before measuring (docs/results.md)
 RECON_LOSSES = ("mse", "fisher", "fisher_mean", "fisher_abs", "fisher_kl", "fisher_dplr")
 RECON_LOSS_DEFAULT = "fisher_abs"
+# how reconstruction treats the weights (ReconSettings.rounding): trains them through
+# straight-through rounding, or trains each one's rounding down or up (AdaRound)
+RECON_ROUNDINGS = ("ste", "learned")
 
 
 @dataclasses.dataclass
@@ -208,8 +211,9 @@ class QuantConfig:
             raise MptqError(f"--recon-images must be at least 1, got {self.recon_images}")
         if not 0.0 <= self.recon_drop < 1.0:
             raise MptqError(f"the QDrop probability must lie in [0, 1), got {self.recon_drop}")
-        if self.recon_rounding not in ("ste", "learned"):
-            raise MptqError(f"the reconstruction's weight rounding must be ste or learned, got {self.recon_rounding!r}")
+        if self.recon_rounding not in RECON_ROUNDINGS:
+            raise MptqError(f"the reconstruction's weight rounding must be one of {', '.join(RECON_ROUNDINGS)}, "
+                            f"got {self.recon_rounding!r}")
         if self.recon_loss not in ("default",) + RECON_LOSSES:
             raise MptqError(f"the reconstruction loss must be one of default, {', '.join(RECON_LOSSES)}, "
                             f"got {self.recon_loss!r}")

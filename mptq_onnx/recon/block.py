@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from ..analyze import GraphInfo
 from ..modelio import Spill
-from ..plan import RECON_LOSSES
+from ..plan import RECON_LOSSES, RECON_ROUNDINGS
 from .fakequant import LEARNABLE, LearnedRounding, LearnedScale, fake_quantizer
 from .interp import Segment
 
@@ -415,7 +415,7 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
     groups = [{"params": list(seg.parameters()), "lr": settings.lr}]
     if seg.learned:
         groups.append({"params": [v for _, _, fq in seg.learned for v in fq.params], "lr": settings.scale_lr})
-    rounders = [r for _, r in getattr(seg, "rounders", [])]
+    rounders = [r for _, r in seg.rounders]
     if rounders:
         groups.append({"params": [r.param for r in rounders], "lr": settings.round_lr})
         # BRECQ sums the error over one image's block output; ours is a mean over its elements
@@ -457,7 +457,7 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
     from ..analyze import analyze
 
     dev = settings.device
-    if settings.rounding not in ("ste", "learned"):
+    if settings.rounding not in RECON_ROUNDINGS:
         raise ValueError(f"unknown weight rounding {settings.rounding!r}")
     segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0,
                           train_norms=settings.train_norms, learn_rounding=settings.rounding == "learned")

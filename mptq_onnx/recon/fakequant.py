@@ -240,16 +240,18 @@ class LearnedRounding:
         ws = w / self.s
         self.base = torch.floor(ws)
         p = ((ws - self.base - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
-        self.v0 = torch.log(p / (1 - p))
-        self.param = torch.nn.Parameter(self.v0.clone())
+        self.param = torch.nn.Parameter(torch.log(p / (1 - p)))
         self.hard = True
 
     def h(self) -> torch.Tensor:
         return (torch.sigmoid(self.param) * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
 
-    def __call__(self, _w: torch.Tensor | None = None) -> torch.Tensor:
-        h = (self.param >= 0).float() if self.hard else self.h()
+    def _value(self, hard: bool) -> torch.Tensor:
+        h = (self.param >= 0).float() if hard else self.h()
         return torch.clamp(self.base + h, self.lo, self.hi) * self.s
+
+    def __call__(self, _w: torch.Tensor | None = None) -> torch.Tensor:
+        return self._value(self.hard)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """AdaRound's f_reg: sum of 1 - |2h - 1|^beta, zero once every h is 0 or 1."""
@@ -264,8 +266,4 @@ class LearnedRounding:
 
     def weight(self) -> np.ndarray:
         with torch.no_grad():
-            hard, self.hard = self.hard, True
-            try:
-                return self().cpu().numpy().astype(np.float32)
-            finally:
-                self.hard = hard
+            return self._value(True).cpu().numpy().astype(np.float32)
