@@ -611,10 +611,11 @@ def test_heap_allocations_only_where_the_cli_mapped_them(monkeypatch):
     assert calls[-2:] == [(calibrate._M_MMAP_THRESHOLD, calibrate.MMAP_THRESHOLD), ("trim", 0)]
 
 
-def test_learned_rounding_starts_at_nearest_and_writes_weights_on_the_grid():
-    """AdaRound: at the start the hard rounding is the calibrated quantizer's and the soft one
-    gives back the weight; after reconstruction every written weight is on its quantizer's grid,
-    within one step of the float weight (floor or ceil), and the first block's loss went down."""
+def test_learned_rounding_starts_at_the_given_rounding_and_writes_weights_on_the_grid():
+    """AdaRound: at the start the hard rounding is the given one (nearest, or GPTQ's with the
+    float weight beside it) and, where that is nearest, the soft one gives back the weight; after
+    reconstruction from GPTQ's rounding every written weight is on its quantizer's grid, at GPTQ's
+    grid point or its neighbour on the float weight's side, and blocks' losses went down."""
     from onnx import numpy_helper
 
     from mptq_onnx.recon import ReconSettings, reconstruct
@@ -622,34 +623,51 @@ def test_learned_rounding_starts_at_nearest_and_writes_weights_on_the_grid():
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.05, (16, 8)).astype(np.float32)
     q = symmetric_per_channel(w, 1, 4)
-    r = LearnedRounding(q, w)
-    np.testing.assert_array_equal(r().numpy(), fake_quant(w, q))
+    step = np.asarray(q.scale, np.float32)
+    inside = np.abs(w / step) < q.qmax - 1
+    for wf in (None, w):  # no float weight, or the same: rounding half up from the weight itself
+        r = LearnedRounding(q, w, w_float=wf)
+        np.testing.assert_array_equal(r().numpy(), fake_quant(w, q))
+        r.hard = False
+        np.testing.assert_allclose(r().detach().numpy()[inside], w[inside], rtol=0, atol=1e-3 * float(step.max()))
+        assert float(r.regularizer(2.0).detach()) > 0
+    # a rounding other than nearest (as GPTQ's): kept at the start, the other choice on w's side
+    wg = fake_quant(w + step * rng.uniform(-0.9, 0.9, w.shape).astype(np.float32), q)
+    assert np.any(wg != fake_quant(w, q))
+    r = LearnedRounding(q, wg, w_float=w)
+    np.testing.assert_array_equal(r().numpy(), wg)
+    code, x, base = np.rint(wg / step), w / step, r.base.numpy()
+    other = np.where(base == code, base + 1, base)
+    assert np.all((base == code) | (base == code - 1))
+    assert np.all(np.sign(other - code) == np.where(x >= code, 1, -1))
     r.hard = False
-    inside = np.abs(w / np.asarray(q.scale)) < q.qmax - 1
-    np.testing.assert_allclose(r().detach().numpy()[inside], w[inside], rtol=0, atol=1e-3 * float(np.max(q.scale)))
-    assert float(r.regularizer(2.0).detach()) > 0
+    soft = r().detach().numpy() / step
+    assert np.all(np.abs(soft - code)[inside] < 0.5)  # h starts on the given rounding's side
 
     m = load_embedded_model()
     imgs = load_calibration(embedded_calib_dir(), get_preprocess(m), 16, progress=False)
     cfg = QuantConfig(recipe="mptq", wbits=4, abits=4, calib_size=16, progress=False, reconstruct=True,
                       recon_rounding="learned")
-    assert cfg.rounding() == "nearest"  # GPTQ's weights are on the grid: AdaRound starts from nearest
+    assert cfg.rounding() == "gptq"
     ctx = Context(m, cfg, imgs)
     passes = [p for p in recipe_passes(cfg) if p.name != "reconstruct"]
     PassManager(passes[:-1], verbose=False)(ctx)
     new, rows, _ = reconstruct(ctx.model, ctx.info, ctx.plan, imgs,
-                               ReconSettings(iters=40, batch=8, lr=1e-4, rounding="learned"))
-    b0 = next(r for r in rows if r["segment"] == "blocks.0")
-    assert b0["loss_after"] < b0["loss_before"] and b0.get("kept", True)
+                               ReconSettings(iters=40, batch=8, lr=1e-4, rounding="learned", round_lr=1e-2), ctx.teacher)
+    # GPTQ's start is hard to beat in 40 steps: blocks 0-1 keep it on this model, later ones train
+    assert sum(r["loss_after"] < r["loss_before"] and r.get("kept", True) for r in rows if "loss_after" in r) >= 5
     init = {t.name: numpy_helper.to_array(t) for t in ctx.model.graph.initializer}
-    flipped = 0
+    floats = {t.name: numpy_helper.to_array(t) for t in ctx.teacher.graph.initializer}
+    flipped = moved = 0
     for p in ctx.plan.values():
         if p.weight is None or p.site.weight not in new:
             continue
         wq, w0, s = new[p.site.weight], init[p.site.weight], p.weight
         np.testing.assert_array_equal(fake_quant(wq, s), wq)
         step = np.asarray(s.scale).reshape([-1 if i == s.axis else 1 for i in range(w0.ndim)]) if s.axis is not None else s.scale
-        code, x = np.rint(wq / step), w0 / step
-        assert np.all((code == np.clip(np.floor(x), s.qmin, s.qmax)) | (code == np.clip(np.ceil(x), s.qmin, s.qmax)))
-        flipped += int(np.sum(wq != fake_quant(w0, s)))
-    assert flipped > 0
+        code, c0, x = np.rint(wq / step), np.rint(w0 / step), floats[p.site.weight] / step
+        side = np.clip(np.where(x >= c0, c0 + 1, c0 - 1), s.qmin, s.qmax)
+        assert np.all((code == c0) | (code == side))
+        flipped += int(np.sum(code != c0))
+        moved += int(np.sum(fake_quant(floats[p.site.weight], s) != w0))
+    assert flipped > 0 and moved > 0  # GPTQ had moved weights off nearest, and training moved some

@@ -158,7 +158,8 @@ class _ActHook:
 
 def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: str = "cpu",
                    float_weights: bool = False, specs: list[SegmentSpec] | None = None,
-                   learn_scales: bool = False, train_norms: bool = False, learn_rounding: bool = False):
+                   learn_scales: bool = False, train_norms: bool = False, learn_rounding: bool = False,
+                   float_model: onnx.ModelProto | None = None):
     """(spec, torch Segment) per segment, with the plan's fake quantizers hooked in and the
     weights and biases of its weight-quantized sites as parameters (`float_weights`: of every planned
     site with a weight, trained in float: the plan's weight quantizers are left out). `specs`: cut at these segments' boundaries (by tensor name).
@@ -167,8 +168,10 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
     the γ and β of LayerNorms feeding a quantized input are parameters too (canonicalize gave
     every LayerNorm its own). `learn_rounding`: uniform weight quantizers are LearnedRounding
     objects and their weights are not parameters (biases are); each segment's `rounders` lists
-    (weight name, LearnedRounding)."""
+    (weight name, LearnedRounding), each starting from the weight's rounding in `model` with the
+    other choice on the side of its weight in `float_model` (by name; see LearnedRounding)."""
     consts = _const_tensors(model.graph)
+    floats = {t.name: t for t in float_model.graph.initializer} if float_model is not None and learn_rounding else {}
     nodes = list(model.graph.node)
     by_name = {n.name: n for n in nodes}
     hooks: dict[tuple[str, int], object] = {}
@@ -188,7 +191,9 @@ def build_segments(model: onnx.ModelProto, info: GraphInfo, plan: dict, device: 
                 hooks[(s.node, list(node.input).index(a.tensor))] = _ActHook(fq)
         rounded = learn_rounding and p.weight is not None and not float_weights and p.weight.kind == "uniform"
         if rounded:
-            fq = LearnedRounding(p.weight, consts[s.weight], device)
+            wf = floats.get(s.weight)
+            wf = numpy_helper.to_array(wf) if wf is not None and tuple(wf.dims) == consts[s.weight].shape else None
+            fq = LearnedRounding(p.weight, consts[s.weight], device, w_float=wf)
             rounders.setdefault(s.node, []).append((s.weight, fq))
             hooks[(s.node, list(node.input).index(s.weight))] = fq
         elif p.weight is not None and not float_weights:
@@ -460,7 +465,8 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
     if settings.rounding not in RECON_ROUNDINGS:
         raise ValueError(f"unknown weight rounding {settings.rounding!r}")
     segs = build_segments(model, info, plan, dev, settings.float_weights, learn_scales=settings.scale_lr > 0,
-                          train_norms=settings.train_norms, learn_rounding=settings.rounding == "learned")
+                          train_norms=settings.train_norms, learn_rounding=settings.rounding == "learned",
+                          float_model=teacher)
     if teacher is not None:
         t_info = teacher_info or analyze(teacher)
         t_plan = {n: dataclasses.replace(p, site=t_info.site(n), weight=None, acts=[]) for n, p in plan.items()}

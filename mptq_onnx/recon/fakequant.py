@@ -222,14 +222,19 @@ _ZETA, _GAMMA = 1.1, -0.1
 
 
 class LearnedRounding:
-    """A uniform weight quantizer whose per-element choice of rounding down or up trains (AdaRound,
-    Nagel et al. 2020): code = floor(w/s) + h(V), h a stretched sigmoid in [0, 1], with a
-    regularizer that pushes every h to 0 or 1. The weights themselves stay; `hard` (the default,
-    and after training) rounds with h >= 0.5, which at the start is rounding half up, so a
-    segment's loss before training is that of the calibrated quantizer (up to ties). `weight()` is
-    the weight on the grid, so the emitted QDQ (round to nearest) computes what was trained."""
+    """A uniform weight quantizer whose per-element choice between two neighbouring grid points
+    trains (AdaRound, Nagel et al. 2020): code = base + h(V), h a stretched sigmoid in [0, 1], with
+    a regularizer that pushes every h to 0 or 1. The weights themselves stay; `hard` (the default,
+    and after training) takes h >= 0.5. `weight()` is the weight on the grid, so the emitted QDQ
+    (round to nearest) computes what was trained.
 
-    def __init__(self, q: Quantizer, w: np.ndarray, device="cpu"):
+    The start is the weights' own rounding, so a segment's loss before training is the given
+    quantizer's (up to ties): `w` is rounded to nearest, and the other choice is the neighbour on
+    the side of `w_float` (the weight before an earlier rounding, e.g. GPTQ's, put `w` on the grid;
+    None: `w` itself), with h starting at `w_float`'s position between the two, held on `w`'s
+    rounding's side. Where `w_float` is `w` this is floor(w/s) + frac(w/s): rounding half up."""
+
+    def __init__(self, q: Quantizer, w: np.ndarray, device="cpu", w_float: np.ndarray | None = None):
         if q.kind != "uniform":
             raise NotImplementedError(f"no learned rounding for kind {q.kind!r}")
         self.q = q
@@ -238,8 +243,16 @@ class LearnedRounding:
         z = _per_axis(np.asarray(q.zero_point, np.float32), q.axis, w.dim(), device)
         self.lo, self.hi = q.qmin - z, q.qmax - z
         ws = w / self.s
-        self.base = torch.floor(ws)
-        p = ((ws - self.base - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
+        if w_float is None:
+            self.base = torch.floor(ws)
+            frac = ws - self.base
+        else:
+            code = torch.clamp(torch.round(ws), self.lo, self.hi)  # the given rounding
+            r = torch.from_numpy(np.array(w_float, np.float32)).to(device) / self.s - code
+            up = r >= 0  # the other choice is code + 1: h starts below 1/2, else code - 1 and above
+            self.base = torch.where(up, code, code - 1)
+            frac = torch.where(up, r.clamp(0.0, 0.4999), (1 + r).clamp(0.5001, 1.0))
+        p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
         self.param = torch.nn.Parameter(torch.log(p / (1 - p)))
         self.hard = True
 
