@@ -294,7 +294,8 @@ class FisherWeights:
         self.mode = mode
         self._file = tempfile.TemporaryFile(prefix="mptq_fisher_") if mode == "fisher" else None
         self._spill = Spill(self._file) if self._file else None
-        self._parts: dict[str, int] = {}
+        self._images: dict[str, int] = {}  # the averaged modes: images summed, to divide by
+        self._chunks: dict[str, int] = {}  # "fisher": arrays spilled, one per add()
         self._sums: dict[str, np.ndarray] = {}
         self._none: set[str] = set()
 
@@ -303,24 +304,25 @@ class FisherWeights:
             self._none.add(name)
             return
         a = g.detach().abs().cpu().numpy()
-        k = self._parts.get(name, 0)
-        self._parts[name] = k + len(a) if self._spill is None else k + 1
         if self._spill is not None:
+            k = self._chunks.get(name, 0)
             self._spill.put(f"{name}\0{k}", a)
+            self._chunks[name] = k + 1
             return
+        self._images[name] = self._images.get(name, 0) + len(a)
         a = (a.astype(np.float64) ** (2 if self.mode == "fisher_mean" else 1)).sum(0, keepdims=True)
         self._sums[name] = a if name not in self._sums else self._sums[name] + a
 
     def __contains__(self, name: str) -> bool:
-        return name in self._parts and name not in self._none
+        return (name in self._images or name in self._chunks) and name not in self._none
 
     def get(self, name: str) -> torch.Tensor:
         """The weights of `name`, scaled to mean 1: per image ("fisher"), or one batch row shared
         by every image (the averaged modes)."""
         if self._spill is None:
-            w = torch.from_numpy((self._sums[name] / self._parts[name]).astype(np.float32))
+            w = torch.from_numpy((self._sums[name] / self._images[name]).astype(np.float32))
         else:
-            g = torch.from_numpy(np.concatenate([self._spill.array(f"{name}\0{k}") for k in range(self._parts[name])]))
+            g = torch.from_numpy(np.concatenate([self._spill.array(f"{name}\0{k}") for k in range(self._chunks[name])]))
             w = g * g
         return w / w.mean().clamp_min(1e-30)
 
@@ -405,6 +407,13 @@ def reconstruct(model: onnx.ModelProto, info: GraphInfo, plan: dict, images: np.
         torch.set_num_threads(before)  # torch's setting is process-wide: leave it as it was
 
 
+def _trained(seg: Segment) -> tuple[list, list, list]:
+    """What training changes in a segment, by learning rate: its weights and biases (and norms),
+    its learned activation scales, its AdaRound V."""
+    return (list(seg.parameters()), [v for _, _, fq in seg.learned for v in fq.params],
+            [r.param for _, r in seg.rounders])
+
+
 def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tensor], ws, settings: ReconSettings,
                   k: int, label: str = "", term_scales=None) -> None:
     """`settings.iters` Adam steps on `seg`'s weights (and learned scales) towards `targets` from
@@ -417,18 +426,16 @@ def train_segment(seg: Segment, qx: list[torch.Tensor], targets: list[torch.Tens
     gen = torch.Generator(device=dev).manual_seed(settings.seed * 1000 + k)
     for h in acts:
         h.drop, h.gen = settings.drop, gen
-    groups = [{"params": list(seg.parameters()), "lr": settings.lr}]
-    if seg.learned:
-        groups.append({"params": [v for _, _, fq in seg.learned for v in fq.params], "lr": settings.scale_lr})
+    groups = [{"params": ps, "lr": lr} for ps, lr in zip(_trained(seg), (settings.lr, settings.scale_lr, settings.round_lr))
+              if ps]
     rounders = [r for _, r in seg.rounders]
     if rounders:
-        groups.append({"params": [r.param for r in rounders], "lr": settings.round_lr})
         # BRECQ sums the error over one image's block output; ours is a mean over its elements
         per_image = sum(int(np.prod(t.shape[1:])) for t in targets)
         lam = settings.round_reg / max(per_image, 1)
         for r in rounders:
             r.hard = False
-    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters)
     rng = np.random.default_rng([settings.seed, k])
     bs = min(settings.batch, n)
@@ -511,20 +518,14 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
                 term_scales = tuple(max(float(v), 1e-30) for v in _terms(ys0, targets, ws))
             before = float(_mse(ys0, targets, ws, term_scales))
             del ys0
-            start = [p.detach().clone() for p in seg.weights]
-            start_scales = [fq.state() for _, _, fq in seg.learned]
-            start_rounds = [r.state() for _, r in seg.rounders]
+            start = [p.detach().clone() for ps in _trained(seg) for p in ps]
             train_segment(seg, qx, targets, ws, settings, k, sp.name, term_scales)
             after = _loss(seg, qx, targets, settings.eval_batch, dev, ws, term_scales)
             row.update(loss_before=before, loss_after=after)
             if not after < before:  # training made this block worse: keep its weights as they were
                 with torch.no_grad():
-                    for p, p0 in zip(seg.weights, start):
+                    for p, p0 in zip([p for ps in _trained(seg) for p in ps], start):
                         p.copy_(p0)
-                for (_, _, fq), st in zip(seg.learned, start_scales):
-                    fq.restore(st)
-                for (_, r), st in zip(seg.rounders, start_rounds):
-                    r.restore(st)
                 row.update(kept=False, loss_after=before)
             else:
                 for name, p in zip(seg.param_names, seg.weights):

@@ -199,14 +199,6 @@ class LearnedScale:
         (s,) = self._scales()
         return _UniformSTE.apply(x, _per_axis(s, q.axis, x.dim(), self.device), *self._bounds[x.dim()])
 
-    def state(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
-
-    def restore(self, state: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params, state):
-                p.copy_(v)
-
     def quantizer(self) -> Quantizer:
         with torch.no_grad():
             s = [v.cpu().numpy().astype(np.float32) for v in self._scales()]
@@ -269,13 +261,6 @@ class LearnedRounding:
     def regularizer(self, beta: float) -> torch.Tensor:
         """AdaRound's f_reg: sum of 1 - |2h - 1|^beta, zero once every h is 0 or 1."""
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
-
-    def state(self) -> torch.Tensor:
-        return self.param.detach().clone()
-
-    def restore(self, v: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.param.copy_(v)
 
     def weight(self) -> np.ndarray:
         with torch.no_grad():
