@@ -336,7 +336,7 @@ def _add_quant_args(p):
                         "inputs with the weights (lower held-out KL at W3A3, higher at W4A4; results.md)")
     p.add_argument("--recon-rounding", choices=RECON_ROUNDINGS, default="ste",
                    help="--reconstruct and --recipe ias: ste trains the weights; learned trains each weight's "
-                        "rounding (AdaRound, from the recipe's rounding; more --iters wanted) (default ste)")
+                        "rounding (AdaRound, from nearest or --weight-rounding gptq; more --iters wanted) (default ste)")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "
                         f"{RECON_IMAGES_DEFAULT}, or all it holds; the searches keep --calib-size)")

@@ -104,8 +104,8 @@ class QuantConfig:
     # reconstruction also trains the γ and β of LayerNorms feeding quantized inputs
     recon_norms: bool = False
     # "ste": reconstruction trains the weights (straight-through rounding); "learned": it trains
-    # each weight's choice of grid point instead (AdaRound), from the rounding before it (GPTQ's
-    # in `mptq`) towards the float weight's side
+    # each weight's choice of grid point instead (AdaRound), from the rounding before it, nearest
+    # unless weight_rounding says gptq, towards the float weight's side
     recon_rounding: str = "ste"
     recon_round_lr: float = 1e-3       # learned rounding: Adam's learning rate on AdaRound's V
     device: str = "cpu"                # where reconstruction trains: cpu | cuda[:N]
@@ -135,6 +135,8 @@ class QuantConfig:
         """The weight rounding this config uses: its own, else the recipe's (GPTQ in `mptq`)."""
         if self.weight_rounding:
             return self.weight_rounding
+        if self.reconstruct and self.recon_rounding == "learned":
+            return "nearest"  # from GPTQ's rounding it measured no better (journal, session 18)
         return "gptq" if self.recipe == "mptq" else "nearest"
 
     def smoothing_scores_weights(self) -> bool:
