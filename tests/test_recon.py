@@ -614,7 +614,7 @@ def test_heap_allocations_only_where_the_cli_mapped_them(monkeypatch):
 def test_learned_rounding_starts_at_the_given_rounding_and_writes_weights_on_the_grid():
     """AdaRound: at the start the hard rounding is the given one (nearest, or GPTQ's with the
     float weight beside it) and, where that is nearest, the soft one gives back the weight; after
-    reconstruction from GPTQ's rounding every written weight is on its quantizer's grid, at GPTQ's
+    reconstruction from either start every written weight is on its quantizer's grid, at the start's
     grid point or its neighbour on the float weight's side, and blocks' losses went down."""
     from onnx import numpy_helper
 
@@ -648,27 +648,33 @@ def test_learned_rounding_starts_at_the_given_rounding_and_writes_weights_on_the
     imgs = load_calibration(embedded_calib_dir(), get_preprocess(m), 16, progress=False)
     cfg = QuantConfig(recipe="mptq", wbits=4, abits=4, calib_size=16, progress=False, reconstruct=True,
                       recon_rounding="learned")
-    assert cfg.rounding() == "nearest"  # the option's start, unless asked for GPTQ's:
-    cfg = dataclasses.replace(cfg, weight_rounding="gptq")
-    ctx = Context(m, cfg, imgs)
-    passes = [p for p in recipe_passes(cfg) if p.name != "reconstruct"]
-    PassManager(passes[:-1], verbose=False)(ctx)
-    new, rows, _ = reconstruct(ctx.model, ctx.info, ctx.plan, imgs,
-                               ReconSettings(iters=40, batch=8, lr=1e-4, rounding="learned", round_lr=1e-2), ctx.teacher)
-    # GPTQ's start is hard to beat in 40 steps: blocks 0-1 keep it on this model, later ones train
-    assert sum(r["loss_after"] < r["loss_before"] and r.get("kept", True) for r in rows if "loss_after" in r) >= 5
-    init = {t.name: numpy_helper.to_array(t) for t in ctx.model.graph.initializer}
-    floats = {t.name: numpy_helper.to_array(t) for t in ctx.teacher.graph.initializer}
-    flipped = moved = 0
-    for p in ctx.plan.values():
-        if p.weight is None or p.site.weight not in new:
-            continue
-        wq, w0, s = new[p.site.weight], init[p.site.weight], p.weight
-        np.testing.assert_array_equal(fake_quant(wq, s), wq)
-        step = np.asarray(s.scale).reshape([-1 if i == s.axis else 1 for i in range(w0.ndim)]) if s.axis is not None else s.scale
-        code, c0, x = np.rint(wq / step), np.rint(w0 / step), floats[p.site.weight] / step
-        side = np.clip(np.where(x >= c0, c0 + 1, c0 - 1), s.qmin, s.qmax)
-        assert np.all((code == c0) | (code == side))
-        flipped += int(np.sum(code != c0))
-        moved += int(np.sum(fake_quant(floats[p.site.weight], s) != w0))
-    assert flipped > 0 and moved > 0  # GPTQ had moved weights off nearest, and training moved some
+    assert cfg.rounding() == "nearest"  # the option's start, unless asked for GPTQ's
+    for start in ("nearest", "gptq"):
+        c = dataclasses.replace(cfg, weight_rounding=start)
+        ctx = Context(m, c, imgs)
+        passes = [p for p in recipe_passes(c) if p.name != "reconstruct"]
+        PassManager(passes[:-1], verbose=False)(ctx)
+        new, rows, _ = reconstruct(ctx.model, ctx.info, ctx.plan, imgs,
+                                   ReconSettings(iters=40, batch=8, lr=1e-4, rounding="learned",
+                                                 round_lr=1e-3 if start == "nearest" else 1e-2), ctx.teacher)
+        if start == "nearest":
+            b0 = next(r for r in rows if r["segment"] == "blocks.0")
+            assert b0["loss_after"] < b0["loss_before"] and b0.get("kept", True)
+        else:  # GPTQ's start is hard to beat in 40 steps: blocks 0-1 keep it on this model, later ones train
+            assert sum(r["loss_after"] < r["loss_before"] and r.get("kept", True) for r in rows if "loss_after" in r) >= 5
+        init = {t.name: numpy_helper.to_array(t) for t in ctx.model.graph.initializer}
+        floats = {t.name: numpy_helper.to_array(t) for t in ctx.teacher.graph.initializer}
+        flipped = moved = 0
+        for p in ctx.plan.values():
+            if p.weight is None or p.site.weight not in new:
+                continue
+            wq, w0, s = new[p.site.weight], init[p.site.weight], p.weight
+            np.testing.assert_array_equal(fake_quant(wq, s), wq)
+            step = np.asarray(s.scale).reshape([-1 if i == s.axis else 1 for i in range(w0.ndim)]) if s.axis is not None else s.scale
+            code, c0, x = np.rint(wq / step), np.clip(np.rint(w0 / step), s.qmin, s.qmax), floats[p.site.weight] / step
+            side = np.clip(np.where(x >= c0, c0 + 1, c0 - 1), s.qmin, s.qmax)
+            assert np.all((code == c0) | (code == side))  # from nearest: floor or ceil of the float weight
+            flipped += int(np.sum(code != c0))
+            moved += int(np.sum(c0 != np.clip(np.rint(x), s.qmin, s.qmax)))
+        assert flipped > 0  # training moved some
+        assert (moved > 0) == (start == "gptq")  # only GPTQ had moved weights off nearest

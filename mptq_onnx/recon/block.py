@@ -518,13 +518,14 @@ def _reconstruct(model, info, plan, images, settings, teacher, teacher_info=None
                 term_scales = tuple(max(float(v), 1e-30) for v in _terms(ys0, targets, ws))
             before = float(_mse(ys0, targets, ws, term_scales))
             del ys0
-            start = [p.detach().clone() for ps in _trained(seg) for p in ps]
+            trained = [p for ps in _trained(seg) for p in ps]
+            start = [p.detach().clone() for p in trained]
             train_segment(seg, qx, targets, ws, settings, k, sp.name, term_scales)
             after = _loss(seg, qx, targets, settings.eval_batch, dev, ws, term_scales)
             row.update(loss_before=before, loss_after=after)
             if not after < before:  # training made this block worse: keep its weights as they were
                 with torch.no_grad():
-                    for p, p0 in zip([p for ps in _trained(seg) for p in ps], start):
+                    for p, p0 in zip(trained, start):
                         p.copy_(p0)
                 row.update(kept=False, loss_after=before)
             else:

@@ -224,7 +224,8 @@ class LearnedRounding:
     quantizer's (up to ties): `w` is rounded to nearest, and the other choice is the neighbour on
     the side of `w_float` (the weight before an earlier rounding, e.g. GPTQ's, put `w` on the grid;
     None: `w` itself), with h starting at `w_float`'s position between the two, held on `w`'s
-    rounding's side. Where `w_float` is `w` this is floor(w/s) + frac(w/s): rounding half up."""
+    rounding's side. Where `w_float` is `w` this is floor(w/s) + frac(w/s) (rounding half up, as
+    with None) but for fractions within 1e-4 of one half, held on the side w/s rounds to."""
 
     def __init__(self, q: Quantizer, w: np.ndarray, device="cpu", w_float: np.ndarray | None = None):
         if q.kind != "uniform":
