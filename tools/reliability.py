@@ -29,7 +29,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from mptq_onnx.embedded import embedded_calib_dir, embedded_val_dir, load_embedded_model  # noqa: E402
