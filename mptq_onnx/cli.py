@@ -314,8 +314,9 @@ def _add_quant_args(p):
                    help="post-Softmax inputs: the recipe's choice, or SULQ (I&S-ViT) on all of them")
     p.add_argument("--reconstruct", action="store_true",
                    help="block reconstruction: train each block's weights through its quantizers (needs torch)")
-    p.add_argument("--iters", type=int, default=100,
-                   help="--reconstruct and --recipe ias: iterations per block and stage (default 100)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="--reconstruct and --recipe ias: iterations per block and stage (default 100; 500 with "
+                        "--recon-rounding learned)")
     p.add_argument("--recon-batch", type=int, default=32,
                    help="--reconstruct and --recipe ias: images per iteration (default 32)")
     p.add_argument("--recon-lr", type=float, default=3e-4,
@@ -336,7 +337,8 @@ def _add_quant_args(p):
                         "inputs with the weights (lower held-out KL at W3A3, higher at W4A4; results.md)")
     p.add_argument("--recon-rounding", choices=RECON_ROUNDINGS, default="ste",
                    help="--reconstruct and --recipe ias: ste trains the weights; learned trains each weight's "
-                        "rounding (AdaRound, from nearest or --weight-rounding gptq; more --iters wanted) (default ste)")
+                        "rounding (AdaRound, from nearest or --weight-rounding gptq; 500 --iters unless given; at W3A3 lower held-out "
+                        "KL, tin_val_dev within noise; at W4A4 higher KL: results.md) (default ste)")
     p.add_argument("--recon-images", type=int, default=RECON_IMAGES_DEFAULT,
                    help=f"--reconstruct and --recipe ias: images to train on, from --calib (default "
                         f"{RECON_IMAGES_DEFAULT}, or all it holds; the searches keep --calib-size)")

@@ -82,8 +82,23 @@ def test_convert_defaults_are_the_library_defaults():
     from mptq_onnx.plan import QuantConfig
     cfg = _config(build_parser().parse_args(["convert", "m.onnx", "--calib", "x"]))
     lib = QuantConfig()
+    lib.validate()  # as the CLI's: the defaults that depend on other fields resolved
     differ = {f.name for f in dataclasses.fields(QuantConfig) if getattr(cfg, f.name) != getattr(lib, f.name)}
     assert differ <= {"recon_images"}, differ
+
+
+@pytest.mark.parametrize("args, iters", [([], 100), (["--recon-rounding", "learned"], 500),
+                                         (["--recon-rounding", "learned", "--iters", "40"], 40),
+                                         (["--iters", "40"], 40)])
+def test_reconstruction_iterations_follow_the_rounding(args, iters):
+    """Learned rounding's default is 500 iterations (at 100 its choices barely move), given --iters
+    wins, and the config the report records holds the number, not None."""
+    from mptq_onnx.cli import _config, build_parser
+    from mptq_onnx.plan import QuantConfig
+    cfg = _config(build_parser().parse_args(["convert", "m.onnx", "--calib", "x", "--reconstruct", *args]))
+    assert cfg.recon_iters == iters and cfg.iters() == iters
+    rounding = "learned" if "learned" in args else "ste"
+    assert QuantConfig(recon_rounding=rounding).iters() == (500 if rounding == "learned" else 100)
 
 
 def test_output_into_a_closed_pipe_is_quiet(tmp_path):

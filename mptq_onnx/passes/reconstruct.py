@@ -58,7 +58,7 @@ class Reconstruct(Pass):
         cfg = ctx.config
         require_torch(device=cfg.device)
         from ..recon import ReconSettings, reconstruct
-        st = ReconSettings(iters=cfg.recon_iters, batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
+        st = ReconSettings(iters=cfg.iters(), batch=cfg.recon_batch, lr=cfg.recon_lr, device=cfg.device,
                            seed=cfg.seed, progress=cfg.progress, float_weights=self.float_weights,
                            quant_inputs=self.quant_inputs, drop=cfg.recon_drop, scale_lr=cfg.recon_scale_lr,
                            loss=self.loss if cfg.recon_loss == "default" else cfg.recon_loss,
@@ -88,5 +88,5 @@ class Reconstruct(Pass):
         if not trained:
             return PassResult(ctx, False, "nothing to train", sites=0)
         ratio = np.median([r["loss_after"] / max(r["loss_before"], 1e-30) for r in trained])
-        return PassResult(ctx, True, f"{len(trained)} blocks x {cfg.recon_iters} iterations; "
+        return PassResult(ctx, True, f"{len(trained)} blocks x {st.iters} iterations; "
                                      f"block loss ({st.loss}) x{ratio:.2f} (median)", sites=len(trained))

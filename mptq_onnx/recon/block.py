@@ -66,7 +66,7 @@ class ReconSettings:
     # one's rounding down or up trains instead (AdaRound; Adam at `round_lr`, regularizer weight
     # `round_reg` per element of one image's block output, as BRECQ's per-image summed loss)
     rounding: str = "ste"
-    round_lr: float = 1e-3
+    round_lr: float = 1e-2
     round_reg: float = 0.01
 
 
